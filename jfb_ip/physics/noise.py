@@ -1,0 +1,22 @@
+"""Seeded Gaussian noise: every random draw takes a generator, or one seed per sample so
+that validation/test measurements repeat exactly whatever the batch size."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def randn_like(x: Tensor, generator: torch.Generator | None = None, seeds: Tensor | None = None) -> Tensor:
+    """Standard normal noise shaped like ``x``; with ``seeds`` (B,) sample i uses its own seed."""
+    if seeds is None:
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    out = torch.empty_like(x)
+    for i, s in enumerate(seeds.tolist()):
+        g = torch.Generator(device=x.device).manual_seed(int(s))
+        out[i] = torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype)
+    return out
+
+
+def gaussian_noise(y: Tensor, sigma: Tensor, generator=None, seeds=None) -> Tensor:
+    """y + sigma * n, with sigma per sample (B,)."""
+    return y + sigma.to(y.dtype).reshape(-1, *([1] * (y.dim() - 1))) * randn_like(y, generator, seeds)

@@ -1,0 +1,151 @@
+"""Backward modes: how the gradient flows through a fixed point z* = f(z*).
+
+One registry; each mode is ``fn(f, z0, solve, **options) -> (z, stats)`` where ``solve(f, z0)``
+is the configured forward solver (called under no_grad by the modes that want it). Selecting
+a mode by name is all a method or config needs, so ``method x backward`` is a free product.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .forward import FORWARD_SOLVERS, relative_residual
+from .linear import conjugate_gradient
+from .stats import SolverStats
+
+BACKWARD_MODES: dict[str, Callable] = {}
+
+
+def register_backward(name: str):
+    def deco(fn):
+        BACKWARD_MODES[name] = fn
+        return fn
+    return deco
+
+
+def _solve_no_grad(f, z0, solve):
+    with torch.no_grad():
+        z_star, stats = solve(f, z0)
+    return z_star.detach(), stats
+
+
+@register_backward("jfb")
+def jfb(f, z0, solve, **_) -> tuple[Tensor, SolverStats]:
+    """Jacobian-free backprop, Alg. 4.1 of paper 000: solve without a graph, then output
+    T(z*) once with the graph, so the gradient is p = dl/dz* . dT(z*)/dTheta (eq. 4.1)."""
+    z_star, stats = _solve_no_grad(f, z0, solve)
+    return f(z_star), stats
+
+
+def _vjp_fn(fz: Tensor, z: Tensor):
+    return lambda u: torch.autograd.grad(fz, z, u, retain_graph=True)[0]
+
+
+@register_backward("implicit")
+def implicit(f, z0, solve, backward_solver: str = "anderson", backward_tol: float = 1e-4,
+             backward_max_iter: int = 100, backward_options: dict | None = None, **_) -> tuple[Tensor, SolverStats]:
+    """Exact gradient by the implicit function theorem (eq. 3.9-3.10 of paper 000).
+
+    The incoming gradient g is replaced by u solving u = g + J^T u, J = df/dz at z*,
+    inside a tensor hook, so autograd then carries u^T df/dTheta to the parameters.
+    ``backward_solver`` is a forward-solver name (the linear fixed point is solved like any
+    other) or 'cg' for conjugate gradient on the normal equations (paper 000 §5.3).
+    """
+    z_star, stats = _solve_no_grad(f, z0, solve)
+    if not torch.is_grad_enabled():
+        return f(z_star), stats
+    z_star = z_star.requires_grad_()
+    fz = f(z_star)
+    if not fz.requires_grad:
+        return fz, stats
+    opts = dict(backward_options or {})
+
+    def hook(g: Tensor) -> Tensor:
+        handle.remove()  # the vjp calls below must not re-enter this hook
+        vjp = _vjp_fn(fz, z_star)
+        with torch.enable_grad():
+            if backward_solver == "cg":
+                u, bstats = _cg_normal(vjp, fz, z_star, g, backward_tol, backward_max_iter)
+            else:
+                u, bstats = FORWARD_SOLVERS[backward_solver](lambda u: vjp(u) + g, g, tol=backward_tol,
+                                                             max_iter=backward_max_iter, **opts)
+        stats.backward_iterations, stats.backward_residual = bstats.iterations, bstats.residual
+        return u.detach()
+
+    handle = fz.register_hook(hook)
+    return fz, stats
+
+
+def _cg_normal(vjp, fz, z_star, g, tol, max_iter):
+    """Solve (I - J)^T u = g through (I - J)(I - J)^T u = (I - J) g by batched CG.
+
+    J v (a forward-mode product) comes from the double-vjp trick: J v = d/dw <J^T w, v>.
+    """
+    w = torch.zeros_like(g, requires_grad=True)
+    jt_w = torch.autograd.grad(fz, z_star, w, create_graph=True)[0]
+
+    def jvp(v):
+        return torch.autograd.grad(jt_w, w, v, retain_graph=True)[0]
+
+    def apply(u):
+        a = u - vjp(u)
+        return a - jvp(a)
+
+    b = g - jvp(g)
+    u = conjugate_gradient(apply, b, g.clone(), max_iter, tol)
+    res = (u - vjp(u) - g).flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1).clamp_min(1e-30)
+    iters = torch.full((g.shape[0],), max_iter, dtype=torch.long, device=g.device)
+    return u, SolverStats(iters, res, ~torch.isfinite(res))
+
+
+@register_backward("neumann")
+def neumann(f, z0, solve, neumann_k: int = 5, **_) -> tuple[Tensor, SolverStats]:
+    """Truncated Neumann series (eq. 4.2 of paper 000): u = sum_{i=0}^{k} (J^T)^i g.
+    k = 0 is JFB; k -> infinity is the implicit gradient."""
+    z_star, stats = _solve_no_grad(f, z0, solve)
+    if not torch.is_grad_enabled() or neumann_k <= 0:
+        return f(z_star), stats
+    z_star = z_star.requires_grad_()
+    fz = f(z_star)
+
+    def hook(g: Tensor) -> Tensor:
+        handle.remove()
+        vjp = _vjp_fn(fz, z_star)
+        term, u = g, g
+        with torch.enable_grad():
+            for _ in range(neumann_k):
+                term = vjp(term)
+                u = u + term
+        stats.backward_iterations = torch.full((g.shape[0],), neumann_k, dtype=torch.long, device=g.device)
+        stats.backward_residual = relative_residual(vjp(u) + g, u).detach()
+        return u.detach()
+
+    handle = fz.register_hook(hook)
+    return fz, stats
+
+
+@register_backward("unroll")
+def unroll(f, z0, solve, unroll_steps: int = 20, tol: float = 1e-4, **_) -> tuple[Tensor, SolverStats]:
+    """Backpropagate through ``unroll_steps`` plain iterations from z0, graph kept (the
+    memory-hungry reference: memory grows linearly with the number of steps)."""
+    z = z0
+    for _ in range(unroll_steps - 1):
+        z = f(z)
+    fz = f(z)
+    res = relative_residual(fz.detach(), z.detach())
+    iters = torch.full((z0.shape[0],), unroll_steps, dtype=torch.long, device=z0.device)
+    bad = ~torch.isfinite(fz.detach().flatten(1)).all(1)
+    return fz, SolverStats(iters, res, bad)
+
+
+@register_backward("phantom")
+def phantom(f, z0, solve, phantom_k: int = 5, phantom_damping: float = 0.5, **_) -> tuple[Tensor, SolverStats]:
+    """Phantom gradient (Geng et al. 2021): k damped differentiable steps
+    z <- (1 - d) z + d f(z) started at the no-grad fixed point z*."""
+    z_star, stats = _solve_no_grad(f, z0, solve)
+    z = z_star
+    for _ in range(max(phantom_k, 1)):
+        z = (1 - phantom_damping) * z + phantom_damping * f(z)
+    return z, stats

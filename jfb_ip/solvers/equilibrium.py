@@ -1,0 +1,43 @@
+"""The one entry point: ``z, stats = equilibrium(f, z0, forward=..., backward=...)``."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+from torch import Tensor
+
+from .backward import BACKWARD_MODES
+from .forward import FORWARD_SOLVERS
+from .stats import SolverStats
+
+
+def equilibrium(f: Callable[[Tensor], Tensor], z0: Tensor, forward: str = "anderson", backward: str = "jfb",
+                tol: float = 1e-4, max_iter: int = 100, backward_tol: float | None = None,
+                backward_max_iter: int | None = None, backward_options: dict | None = None,
+                **solver_options) -> tuple[Tensor, SolverStats]:
+    """Fixed point z* = f(z*) of any callable (its parameters may require grad).
+
+    Args:
+        f: map on tensors shaped like ``z0`` (batch first).
+        z0: initial guess; its dtype (float32/float64) is the solve's dtype.
+        forward: forward solver name ('anderson', 'fixed_point', ...).
+        backward: backward mode name ('jfb', 'implicit', 'neumann', 'unroll', 'phantom').
+        tol: per-sample relative residual ||f(z) - z|| / ||f(z)|| to stop at.
+        max_iter: forward iteration cap.
+        backward_tol, backward_max_iter: for the implicit backward solve (default: tol, max_iter).
+        backward_options: mode-specific options (e.g. backward_solver, neumann_k, unroll_steps).
+        **solver_options: forwarded to the forward solver (Anderson: m, lam, beta; all: bound).
+
+    Returns:
+        z: the fixed point, differentiable according to ``backward``.
+        stats: :class:`SolverStats` with per-sample iterations, residuals, divergence flags.
+    """
+    if forward not in FORWARD_SOLVERS:
+        raise ValueError(f"equilibrium: unknown forward solver {forward!r}; choose from {sorted(FORWARD_SOLVERS)}")
+    if backward not in BACKWARD_MODES:
+        raise ValueError(f"equilibrium: unknown backward mode {backward!r}; choose from {sorted(BACKWARD_MODES)}")
+    solve = partial(FORWARD_SOLVERS[forward], tol=tol, max_iter=max_iter, **solver_options)
+    opts = dict(backward_options or {})
+    opts.setdefault("backward_tol", tol if backward_tol is None else backward_tol)
+    opts.setdefault("backward_max_iter", max_iter if backward_max_iter is None else backward_max_iter)
+    return BACKWARD_MODES[backward](f, z0, solve, tol=tol, **opts)

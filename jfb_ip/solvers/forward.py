@@ -1,0 +1,134 @@
+"""Forward fixed-point solvers: find z with z = f(z), batched with a stop per sample.
+
+Each solver takes a callable on tensors shaped like ``z0`` and returns ``(z, SolverStats)``.
+They know nothing of images: only of batch dimension 0.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .stats import SolverStats
+
+FORWARD_SOLVERS: dict[str, Callable] = {}
+
+
+def register_forward(name: str):
+    def deco(fn):
+        FORWARD_SOLVERS[name] = fn
+        return fn
+    return deco
+
+
+def relative_residual(fz: Tensor, z: Tensor) -> Tensor:
+    """||f(z) - z|| / ||f(z)|| per sample (the stopping criterion of every solver)."""
+    fz, z = fz.flatten(1), z.flatten(1)
+    return (fz - z).norm(dim=1) / (fz.norm(dim=1) + 1e-12)
+
+
+class _Tracker:
+    """Keeps, per sample, the lowest-residual iterate, when it first met tol, and divergence."""
+
+    def __init__(self, z0: Tensor, tol: float, max_iter: int, bound: float):
+        B = z0.shape[0]
+        self.tol, self.bound = tol, bound
+        self.best = z0.clone()
+        self.best_res = torch.full((B,), float("inf"), device=z0.device, dtype=z0.dtype)
+        self.iters = torch.full((B,), max_iter, device=z0.device, dtype=torch.long)
+        self.done = torch.zeros(B, dtype=torch.bool, device=z0.device)
+        self.diverged = torch.zeros(B, dtype=torch.bool, device=z0.device)
+        self.trace: list[float] = []
+
+    def bad(self, t: Tensor) -> Tensor:
+        flat = t.flatten(1)
+        return ~torch.isfinite(flat).all(1) | (flat.abs().amax(1) > self.bound)
+
+    def update(self, k: int, z: Tensor, fz: Tensor) -> Tensor:
+        """Record iteration k (z, f(z)); returns the per-sample 'bad' mask."""
+        bad = self.bad(fz) | self.bad(z)
+        self.diverged |= bad & ~self.done
+        res = relative_residual(fz, z)
+        res = torch.where(bad, torch.full_like(res, float("inf")), res)
+        improve = (res < self.best_res) & ~self.done & ~self.diverged
+        self.best[improve] = fz[improve]
+        self.best_res = torch.where(improve, res, self.best_res)
+        newly = (res < self.tol) & ~self.done & ~self.diverged
+        self.iters[newly] = k
+        self.done |= newly
+        finite = res[torch.isfinite(res)]
+        self.trace.append(finite.max().item() if finite.numel() else float("inf"))
+        return bad
+
+    @property
+    def finished(self) -> bool:
+        return bool((self.done | self.diverged).all())
+
+    def stats(self) -> SolverStats:
+        res = torch.where(torch.isfinite(self.best_res), self.best_res, torch.full_like(self.best_res, float("nan")))
+        return SolverStats(self.iters, res, self.diverged.clone(), self.trace)
+
+
+@register_forward("fixed_point")
+def fixed_point(f: Callable[[Tensor], Tensor], z0: Tensor, tol: float = 1e-4, max_iter: int = 100,
+                bound: float = 1e10, **_) -> tuple[Tensor, SolverStats]:
+    """Plain iteration z_{k+1} = f(z_k); a sample stops changing once it meets tol."""
+    tr = _Tracker(z0, tol, max_iter, bound)
+    z = z0
+    for k in range(1, max_iter + 1):
+        fz = f(z)
+        bad = tr.update(k, z, fz)
+        if tr.finished:
+            break
+        keep = (tr.done | bad | tr.diverged).view(-1, *([1] * (z.dim() - 1)))
+        z = torch.where(keep, tr.best, fz)
+    return tr.best, tr.stats()
+
+
+@register_forward("anderson")
+def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, tol: float = 1e-4, max_iter: int = 100, m: int = 5,
+             lam: float = 1e-4, beta: float = 1.0, bound: float = 1e10, **_) -> tuple[Tensor, SolverStats]:
+    """Anderson acceleration, Alg. 3.1 of paper 000 (Walker & Ni 2011), batched.
+
+    With g(x) = f(x) - x and the last m_k = min(m, k) iterates, alpha solves
+    min ||G_k alpha||^2 s.t. sum(alpha) = 1 (regularised by ``lam``), and
+    x^{k+1} = beta * sum_i alpha_i f(x^i) + (1 - beta) * sum_i alpha_i x^i.
+    """
+    if m < 1:
+        raise ValueError(f"anderson: memory m must be >= 1, got {m}")
+    shape, B = z0.shape, z0.shape[0]
+    n = z0[0].numel()
+    X = torch.zeros(B, m, n, dtype=z0.dtype, device=z0.device)
+    F = torch.zeros_like(X)
+    tr = _Tracker(z0, tol, max_iter, bound)
+    # Bordered system [[0, 1^T], [1, G G^T + lam I]] [nu; alpha] = [1; 0] (sum-to-one constraint).
+    H = torch.zeros(B, m + 1, m + 1, dtype=z0.dtype, device=z0.device)
+    H[:, 0, 1:] = H[:, 1:, 0] = 1
+    rhs = torch.zeros(B, m + 1, 1, dtype=z0.dtype, device=z0.device)
+    rhs[:, 0] = 1
+
+    z = z0
+    for k in range(1, max_iter + 1):
+        fz = f(z)
+        bad = tr.update(k, z, fz)
+        if tr.finished:
+            break
+        if bad.any():  # a diverged sample restarts from its best iterate so it cannot poison the batch
+            z = torch.where(bad.view(-1, *([1] * (z.dim() - 1))), tr.best, z)
+            fz = torch.where(bad.view(-1, *([1] * (z.dim() - 1))), tr.best, fz)
+        slot = (k - 1) % m
+        X[:, slot] = z.reshape(B, n)
+        F[:, slot] = fz.reshape(B, n)
+        mk = min(k, m)
+        G = F[:, :mk] - X[:, :mk]
+        GG = torch.bmm(G, G.transpose(1, 2))
+        # scale the regulariser with ||G||^2 so lam is dimensionless
+        scale = GG.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)[:, None, None]
+        H[:, 1:mk + 1, 1:mk + 1] = GG + lam * scale * torch.eye(mk, dtype=z0.dtype, device=z0.device)
+        alpha = torch.linalg.solve(H[:, :mk + 1, :mk + 1], rhs[:, :mk + 1])[:, 1:mk + 1, 0]
+        z_new = beta * torch.bmm(alpha[:, None], F[:, :mk])[:, 0] + (1 - beta) * torch.bmm(alpha[:, None], X[:, :mk])[:, 0]
+        z_new = z_new.reshape(shape)
+        keep = (tr.done | tr.diverged).view(-1, *([1] * (z.dim() - 1)))
+        z = torch.where(keep, tr.best, z_new)
+    return tr.best, tr.stats()
