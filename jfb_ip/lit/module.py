@@ -85,8 +85,10 @@ class ReconstructionModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
         n = count_parameters(self.method)
-        log.info("method %s: %s trainable parameters", type(self.method).__name__, f"{n:,}")
-        print(f"[jfb-ip] {type(self.method).__name__}: {n:,} trainable parameters")
+        mode = getattr(self.method, "backward_mode", None)
+        extra = f", backward mode: {mode}" if mode else ""
+        log.info("method %s: %s trainable parameters%s", type(self.method).__name__, f"{n:,}", extra)
+        print(f"[jfb-ip] {type(self.method).__name__}: {n:,} trainable parameters{extra}")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._step_t0 = time.perf_counter()
@@ -94,6 +96,7 @@ class ReconstructionModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int):
         x, meas, _ = batch
         x_hat, stats = self.method(meas)
+        self._train_stats = stats  # backward stats are filled in during backward; logged at batch end
         ok = torch.isfinite(x_hat.detach().flatten(1)).all(1)
         if stats is not None:
             ok &= ~stats.diverged
@@ -115,6 +118,10 @@ class ReconstructionModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.log("time/step_s", time.perf_counter() - self._step_t0, on_step=True)
+        stats = getattr(self, "_train_stats", None)
+        if stats is not None and stats.backward_iterations is not None:
+            self.log("train/solver/bwd_iters_mean", stats.backward_iterations.float().mean(), on_step=True)
+            self.log("train/solver/bwd_residual_max", stats.backward_residual.float().max(), on_step=True)
         self.log("memory/peak_bytes", float(peak_memory_bytes(self.device)), on_step=True)
 
     # ------------------------------------------------------------------ validation

@@ -132,3 +132,57 @@ def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, tol: float = 1e-4, max_i
         keep = (tr.done | tr.diverged).view(-1, *([1] * (z.dim() - 1)))
         z = torch.where(keep, tr.best, z_new)
     return tr.best, tr.stats()
+
+
+@register_forward("broyden")
+def broyden(f: Callable[[Tensor], Tensor], z0: Tensor, tol: float = 1e-4, max_iter: int = 100, memory: int = 30,
+            bound: float = 1e10, **_) -> tuple[Tensor, SolverStats]:
+    """Good Broyden's method on g(z) = f(z) - z (as in Bai et al. 2019's DEQ), batched.
+
+    The inverse Jacobian of g is approximated by -I + U V^T with rank-one updates
+    u = (dz - H dg) / (v^T dg), v^T = dz^T H; after ``memory`` updates it restarts from -I.
+    """
+    shape, B = z0.shape, z0.shape[0]
+    z = z0.reshape(B, -1)
+    n = z.shape[1]
+    U = torch.zeros(B, n, memory, dtype=z0.dtype, device=z0.device)
+    VT = torch.zeros(B, memory, n, dtype=z0.dtype, device=z0.device)
+    tr = _Tracker(z0, tol, max_iter, bound)
+
+    def H(x, k):  # (-I + U V^T) x
+        return -x + torch.einsum("bnk,bk->bn", U[..., :k], torch.einsum("bkn,bn->bk", VT[:, :k], x))
+
+    def HT(x, k):  # x^T (-I + U V^T)
+        return -x + torch.einsum("bk,bkn->bn", torch.einsum("bn,bnk->bk", x, U[..., :k]), VT[:, :k])
+
+    fz = f(z.reshape(shape)).reshape(B, n)
+    gz = fz - z
+    bad = tr.update(1, z.reshape(shape), fz.reshape(shape))
+    used = 0
+    for k in range(2, max_iter + 1):
+        if tr.finished:
+            break
+        update = -H(gz, used)
+        z_new = z + update
+        fz_new = f(z_new.reshape(shape)).reshape(B, n)
+        bad = tr.update(k, z_new.reshape(shape), fz_new.reshape(shape))
+        gz_new = fz_new - z_new
+        dz, dg = z_new - z, gz_new - gz
+        z, gz = z_new, gz_new
+        if used == memory:  # restart the low-rank memory
+            U.zero_(), VT.zero_()
+            used = 0
+        vT = HT(dz, used)
+        denom = (vT * dg).sum(1, keepdim=True)
+        u = (dz - H(dg, used)) / torch.where(denom.abs() > 1e-30, denom, torch.ones_like(denom))
+        U[..., used] = torch.nan_to_num(u)
+        VT[:, used] = torch.nan_to_num(vT)
+        used += 1
+        stop = (tr.done | tr.diverged | bad)
+        if stop.any():  # frozen or diverged samples sit at their best iterate with no memory
+            best = tr.best.reshape(B, n)
+            z = torch.where(stop[:, None], best, z)
+            gz = torch.where(stop[:, None], torch.zeros_like(gz), gz)
+            U[stop] = 0
+            VT[stop] = 0
+    return tr.best, tr.stats()

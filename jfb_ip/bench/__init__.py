@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m jfb_ip.bench.<name>``."""
