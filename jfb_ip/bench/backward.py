@@ -33,6 +33,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import os
 import statistics
 import time
 from contextlib import nullcontext
@@ -215,7 +216,9 @@ def run(sides, batch, modes=MODES + PEERS, repeats=5, *, depth=17, width=64, tol
         log(f"side {side}: " + ", ".join(f"{n} {t[n]:.3f}s" for n in names))
     config = dict(sides=list(sides), batch=batch, modes=list(modes), repeats=repeats, warmup=warmup, depth=depth,
                   width=width, tol=tol, max_iter=max_iter, neumann_k=neumann_k, unroll_steps=unroll_steps,
-                  phantom_k=phantom_k, phantom_damping=phantom_damping, threads=torch.get_num_threads())
+                  phantom_k=phantom_k, phantom_damping=phantom_damping, threads=torch.get_num_threads(),
+                  memory="cuda peak allocated above the step's start" if device.type == "cuda"
+                  else "bytes of tensors saved for backward")
     return {"device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
             "config": config, "skipped": skipped, "rows": out}
 
@@ -276,7 +279,7 @@ def plot(payload, path) -> bool:
         if mode == "jfb":
             a.plot([r["side"] for r in rows], [r["floor_time_s"] for r in rows], ":", color="gray", label="jfb floor")
     a.set(xlabel="image side (px)", ylabel="time per training step (s)", title=f"batch {payload['config']['batch']}")
-    b.set(xlabel="image side (px)", ylabel="memory (MiB)", title=payload["device"])
+    b.set(xlabel="image side (px)", ylabel="memory (MiB)", title=f"{payload['device']}: {payload['config']['memory']}")
     a.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -287,7 +290,7 @@ def plot(payload, path) -> bool:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m jfb_ip.bench.backward", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="small CPU-sized run (sides 16 32, batch 4, 2 repeats)")
+    p.add_argument("--quick", action="store_true", help="CPU-sized: sides 16 32, batch 4, 3 repeats, 1 thread")
     p.add_argument("--sides", type=int, nargs="+", default=None, help="default: 16 32 ... 128")
     p.add_argument("--batch", type=int, default=None, help="default: 16")
     p.add_argument("--modes", nargs="+", default=list(MODES + PEERS), choices=MODES + PEERS)
@@ -302,20 +305,27 @@ def main(argv=None) -> dict:
     p.add_argument("--phantom-k", type=int, default=5)
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; quick: 1)")
     p.add_argument("--json", default="outputs/bench/backward.json")
     p.add_argument("--png", default="outputs/bench/backward.png", help="'' to skip the plot")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    quick = (dict(sides=[16, 32], batch=4, repeats=2, warmup=0) if a.quick
-             else dict(sides=list(range(16, 129, 16)), batch=16, repeats=5, warmup=1))
+    # quick: one thread, since two threads on a shared 2-core machine ran ~17x slower than one here
+    quick = (dict(sides=[16, 32], batch=4, repeats=3, warmup=0, threads=1) if a.quick
+             else dict(sides=list(range(16, 129, 16)), batch=16, repeats=5, warmup=1, threads=None))
     reduced = [f"{k}={quick[k]}" for k in quick if getattr(a, k) is None]
     for k, v in quick.items():
         setattr(a, k, v if getattr(a, k) is None else getattr(a, k))
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.quick:
         print("--quick: reduced " + ", ".join(reduced or ["nothing (all given explicitly)"])
-              + f" (full: sides 16..128, batch 16, repeats 5, warmup 1); depth {a.depth}, width {a.width}")
+              + f" (full: sides 16..128, batch 16, repeats 5, warmup 1, torch's threads); depth {a.depth}, "
+              f"width {a.width}")
+    load, cores = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, os.cpu_count() or 1
+    if load > cores - 0.5 and (a.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu":
+        n = torch.get_num_threads()
+        print(f"note: load average {load:.1f} on {cores} cores: CPU timings are unreliable"
+              + (f"; {n} threads on busy cores can run many times slower (--threads 1 avoids that)" if n > 1 else ""))
     payload = run(a.sides, a.batch, a.modes, a.repeats, depth=a.depth, width=a.width, tol=a.tol,
                   max_iter=a.max_iter, warmup=a.warmup, device=a.device, seed=a.seed, neumann_k=a.neumann_k,
                   unroll_steps=a.unroll_steps, phantom_k=a.phantom_k)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
@@ -66,6 +66,10 @@ class ReconstructionModule(L.LightningModule):
         self.lambda_grid = list(default_lambda_grid())
         self.val_metrics = MetricCollection({"psnr": PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)),
                                              "ssim": StructuralSimilarityIndexMeasure(data_range=1.0)}, prefix="val/")
+        # one PSNR/SSIM pair per intermediate stage of unrolled methods (the last stage is val/psnr)
+        n_stages = getattr(method, "n_stages", 1)
+        self.stage_metrics = nn.ModuleList(
+            [self.val_metrics.clone(prefix=f"val/stage{k + 1}_") for k in range(n_stages - 1)])
         self.skipped_samples = 0
         self.test_results: dict[str, Any] = {}
         self._step_t0 = 0.0
@@ -110,9 +114,9 @@ class ReconstructionModule(L.LightningModule):
         if not bool(ok.any()):
             return None  # Lightning skips the optimizer step: nothing finite to learn from
         loss = F.mse_loss(x_hat[ok], x[ok])
-        aux = getattr(self.method, "aux_outputs", None)
-        if aux:
-            loss = loss + sum(F.mse_loss(a[ok], x[ok]) for a in aux) / len(aux)
+        stages = self.method.stage_outputs
+        if self.method.aux_loss and stages and len(stages) > 1:
+            loss = loss + sum(F.mse_loss(s[ok], x[ok]) for s in stages[:-1])
         self.log("train/loss", loss, on_step=True, prog_bar=True)
         return loss
 
@@ -133,6 +137,8 @@ class ReconstructionModule(L.LightningModule):
         x, meas, _ = batch
         x_hat, stats = self.method(meas)
         self.val_metrics.update(x_hat.clamp(0, 1), x)
+        for metrics, out in zip(self.stage_metrics, self.method.stage_outputs or []):
+            metrics.update(out.clamp(0, 1), x)
         if stats is not None:
             self.log_dict({f"val/{k}": v for k, v in stats.summary("solver/").items()}, on_epoch=True,
                           batch_size=x.shape[0])
@@ -145,6 +151,9 @@ class ReconstructionModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.val_metrics.reset()
+        for metrics in self.stage_metrics:
+            self.log_dict(metrics.compute())
+            metrics.reset()
         self.wiener.lam.fill_(self.lambda_grid[int(self._lam_psnr.argmax())])
         self.log("val/wiener_lambda", self.wiener.lam)
         self._log_images("val/examples", self._val_images)

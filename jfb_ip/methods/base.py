@@ -13,42 +13,58 @@ from ..solvers import BACKWARD_MODES, FORWARD_SOLVERS, SolverStats, equilibrium
 
 
 class Method(nn.Module):
-    """``forward(meas) -> (x_hat, stats)``; ``aux_outputs`` holds per-stage outputs when a
-    method has stages (used for per-stage metrics and auxiliary losses)."""
+    """``forward(meas) -> (x_hat, stats)``.
 
-    aux_outputs: list[Tensor] | None = None
+    Methods with stages set ``n_stages`` and fill ``stage_outputs`` (x_1 .. x_K, the last
+    being x_hat) at every forward: the module logs a PSNR per stage and, when ``aux_loss``
+    is on, adds the MSE of every intermediate stage to the loss (paper 002 "Aux loss").
+    """
+
+    n_stages: int = 1
+    aux_loss: bool = False
+    stage_outputs: list[Tensor] | None = None
 
     def forward(self, meas: Measurement) -> tuple[Tensor, SolverStats | None]:  # pragma: no cover
         raise NotImplementedError
 
 
-class FixedPointMethod(Method):
-    """A method whose output is the fixed point of a map T(x; meas).
+class Equilibrium:
+    """The equilibrium options of a method, callable as ``solve(f, z0) -> (z, stats)``.
 
     Args:
         solver: forward solver options: ``forward`` (name), ``tol``, ``max_iter`` and the
-            solver's own keys (Anderson: ``m``, ``lam``, ``beta``; all: ``bound``).
+            solver's own keys (Anderson: ``m``, ``lam``, ``beta``; Broyden: ``memory``; all: ``bound``).
         backward: the ``backward`` config group: ``mode`` plus that mode's options.
     """
 
     def __init__(self, solver: Mapping[str, Any], backward: Mapping[str, Any]):
-        super().__init__()
         solver, backward = dict(solver), dict(backward)
-        if solver.get("forward", "anderson") not in FORWARD_SOLVERS:
-            raise ValueError(f"unknown forward solver {solver.get('forward')!r}; choose from {sorted(FORWARD_SOLVERS)}")
-        mode = backward.pop("mode", "jfb")
-        if mode not in BACKWARD_MODES:
-            raise ValueError(f"unknown backward mode {mode!r}; choose from {sorted(BACKWARD_MODES)}")
-        self.backward_mode = mode
-        self.solver_options = solver
-        self.backward_options = backward
+        self.forward = solver.pop("forward", "anderson")
+        if self.forward not in FORWARD_SOLVERS:
+            raise ValueError(f"unknown forward solver {self.forward!r}; choose from {sorted(FORWARD_SOLVERS)}")
+        self.mode = backward.pop("mode", "jfb")
+        if self.mode not in BACKWARD_MODES:
+            raise ValueError(f"unknown backward mode {self.mode!r}; choose from {sorted(BACKWARD_MODES)}")
+        self.backward_tol = backward.pop("backward_tol", None)
+        self.backward_max_iter = backward.pop("backward_max_iter", None)
+        self.solver_options, self.backward_options = solver, backward
 
-    def solve(self, f, z0: Tensor) -> tuple[Tensor, SolverStats]:
-        opts = dict(self.solver_options)
-        bw = dict(self.backward_options)
-        return equilibrium(f, z0, forward=opts.pop("forward", "anderson"), backward=self.backward_mode,
-                           backward_tol=bw.pop("backward_tol", None), backward_max_iter=bw.pop("backward_max_iter", None),
-                           backward_options=bw, **opts)
+    def __call__(self, f, z0: Tensor) -> tuple[Tensor, SolverStats]:
+        return equilibrium(f, z0, forward=self.forward, backward=self.mode, backward_tol=self.backward_tol,
+                           backward_max_iter=self.backward_max_iter, backward_options=self.backward_options,
+                           **self.solver_options)
+
+
+class FixedPointMethod(Method):
+    """A method whose output is the fixed point of a map T(x; meas) (see :class:`Equilibrium`)."""
+
+    def __init__(self, solver: Mapping[str, Any], backward: Mapping[str, Any]):
+        super().__init__()
+        self.solve = Equilibrium(solver, backward)
+
+    @property
+    def backward_mode(self) -> str:
+        return self.solve.mode
 
 
 @contextmanager

@@ -1,0 +1,88 @@
+"""Quality comparison of the solver families under one training budget.
+
+    python -m jfb_ip.bench.compare [--steps 150] [--image-size 32] [--out outputs/compare]
+
+Trains each method of paper 002's comparison (LU-DnCNN, LUSER-SW, LUSER-DW) and DE-GRAD
+with JFB and with implicit differentiation (paper 000) through ``train.py`` — same data,
+task, seed, batch size and number of optimizer steps — then prints their held-out
+PSNR/SSIM beside the measurement and the Wiener filter. Each run keeps its own directory
+(metrics.json, checkpoints) under ``--out``; the table is also written to ``compare.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# name -> overrides; the rest of the budget is shared (see main)
+RUNS = {
+    "lu_dncnn": ["method=lu_dncnn"],
+    "luser_sw": ["method=luser_sw"],
+    "luser_dw": ["method=luser_dw"],
+    "degrad_jfb": ["method=degrad", "backward=jfb"],
+    "degrad_implicit": ["method=degrad", "backward=implicit"],
+}
+
+
+def run(names: list[str], steps: int, image_size: int, batch: int, out: Path, extra: list[str]) -> dict:
+    results = {}
+    for name in names:
+        run_dir = out / name
+        cmd = [sys.executable, "train.py", *RUNS[name], f"trainer.max_steps={steps}", f"data.image_size={image_size}",
+               f"data.batch_size={batch}", f"data.eval_batch_size={batch}", "logger=csv",
+               "trainer.enable_progress_bar=false", "trainer.check_val_every_n_epoch=1000", *extra,
+               f"hydra.run.dir={run_dir}"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            print(f"{name}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        results[name] = {"test": {k: metrics["test"][k] for k in ("measurement", "wiener", "model")},
+                         "wall_time_s": wall, "n_images": metrics["test"]["n_images"]}
+        print(f"{name}: model {metrics['test']['model']['psnr']:.2f} dB in {wall:.0f} s", flush=True)
+    return results
+
+
+def table(results: dict) -> str:
+    if not results:
+        return "no run finished"
+    first = next(iter(results.values()))
+    lines = [f"{'method':<18}{'PSNR [dB]':>10}{'SSIM':>8}{'train+test [s]':>16}"]
+    for row in ("measurement", "wiener"):
+        lines.append(f"{row:<18}{first['test'][row]['psnr']:>10.2f}{first['test'][row]['ssim']:>8.4f}{'':>16}")
+    for name, r in results.items():
+        m = r["test"]["model"]
+        lines.append(f"{name:<18}{m['psnr']:>10.2f}{m['ssim']:>8.4f}{r['wall_time_s']:>16.0f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per method (the shared budget)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "compare")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. task=deblur_5x5)")
+    args = p.parse_args(argv)
+    names = [n for n in args.methods.split(",") if n]
+    unknown = set(names) - set(RUNS)
+    if unknown:
+        p.error(f"unknown methods {sorted(unknown)}; choose from {list(RUNS)}")
+    results = run(names, args.steps, args.image_size, args.batch, args.out, args.overrides)
+    print("\n" + table(results))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "compare.json").write_text(json.dumps({"steps": args.steps, "image_size": args.image_size,
+                                                       "batch": args.batch, "results": results}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""DE-Prox: the deep-equilibrium proximal-gradient map (paper 001 §3.3 ii)."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import Tensor, nn
+
+from ..physics import Measurement
+from ..solvers import SolverStats
+from .base import FixedPointMethod, fixed_weights, per_sample
+
+
+class DEProx(FixedPointMethod):
+    """Fixed point of T(x) = S(x - eta A^T(Ax - d)) with S a learned denoiser.
+
+    I - eta A^T A is non-expansive for eta <= 1/L, so T is a contraction whenever S is
+    (spectral normalisation with gamma < 1 and no residual skip bounds it).
+
+    Args:
+        net: the denoiser S.
+        eta: step size; None derives 1/L per sample.
+    """
+
+    def __init__(self, net: nn.Module, solver: Mapping[str, Any], backward: Mapping[str, Any],
+                 eta: float | None = None):
+        super().__init__(solver, backward)
+        if eta is not None and eta <= 0:
+            raise ValueError(f"DEProx: eta must be > 0 (or null for 1/L), got {eta}")
+        self.net, self.eta = net, eta
+
+    def T(self, x: Tensor, meas: Measurement, eta: Tensor) -> Tensor:
+        return self.net(x - eta * meas.grad(x))
+
+    def forward(self, meas: Measurement) -> tuple[Tensor, SolverStats]:
+        z0 = meas.init()
+        eta = per_sample(self.eta if self.eta is not None else 1.0 / meas.norm(), z0)
+        with fixed_weights(self):
+            return self.solve(lambda x: self.T(x, meas, eta), z0)

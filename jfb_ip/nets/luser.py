@@ -1,0 +1,42 @@
+"""The shallow equilibrium proximal block of LUSER (paper 002, Fig. 1, eq. 7, Table 1)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .dncnn import lipschitz_conv
+
+
+def _conv(cin: int, cout: int, gamma: float) -> nn.Conv2d:
+    return lipschitz_conv(nn.Conv2d(cin, cout, 3, padding=1, bias=True), gamma)
+
+
+class LUSERBlock(nn.Module):
+    """Injection, data and mixing layers of Table 1 of paper 002, for C image channels.
+
+    Injection: SN conv C->32, LeakyReLU, SN conv 32->32, LeakyReLU (applied once to d_k).
+    Data:      SN conv C->32, GN, LeakyReLU, SN conv 32->32, GN, LeakyReLU (applied to r).
+    Mixing:    SN conv 64->64, GN, LeakyReLU, SN conv 64->64, GN, LeakyReLU, SN conv 64->C.
+    The recursive map is r -> Mix(Data(r) (+) Inj(d_k)) (eq. 7); its fixed point r* is the
+    residual added to d_k. Convolutions have biases and GroupNorm is affine, which gives
+    Table 3's parameter counts (93,953 per block for C = 1).
+    """
+
+    def __init__(self, channels: int = 3, width: int = 32, groups: int = 8, gamma: float = 1.0,
+                 negative_slope: float = 0.01):
+        super().__init__()
+        act = lambda: nn.LeakyReLU(negative_slope)  # noqa: E731
+        w2 = 2 * width
+        self.injection = nn.Sequential(_conv(channels, width, gamma), act(), _conv(width, width, gamma), act())
+        self.data = nn.Sequential(_conv(channels, width, gamma), nn.GroupNorm(groups, width), act(),
+                                  _conv(width, width, gamma), nn.GroupNorm(groups, width), act())
+        self.mixing = nn.Sequential(_conv(w2, w2, gamma), nn.GroupNorm(groups, w2), act(),
+                                    _conv(w2, w2, gamma), nn.GroupNorm(groups, w2), act(),
+                                    _conv(w2, channels, gamma))
+
+    def inject(self, d: Tensor) -> Tensor:
+        return self.injection(d)
+
+    def step(self, r: Tensor, injected: Tensor) -> Tensor:
+        """One application of the recursive part: Mix(Data(r) (+) Inj(d))."""
+        return self.mixing(torch.cat([self.data(r), injected], dim=1))
