@@ -162,3 +162,17 @@ def test_multirun_over_backward_modes(tmp_path):
     modes = {m for log in logs for m in ("jfb", "implicit", "neumann", "unroll")
              if f"backward mode: {m}" in log.read_text()}
     assert modes == {"jfb", "implicit", "neumann", "unroll"}
+
+
+def test_unknown_backward_options_are_errors():
+    f = lambda z: 0.5 * z + 1  # noqa: E731
+    with pytest.raises(ValueError, match=r"takes no option\(s\) \['neuman_k'\]"):
+        equilibrium(f, torch.zeros(2, 3), backward="neumann", backward_options={"neuman_k": 3})
+    with pytest.raises(ValueError, match="unknown backward_solver"):
+        z, _ = equilibrium(lambda z: 0.5 * z + torch.ones(2, 3, requires_grad=True), torch.zeros(2, 3),
+                           backward="implicit", backward_options={"backward_solver": "newton"})
+
+
+def test_cg_backward_reports_its_own_iterations(data):
+    _, stats = grads(make("implicit", backward_solver="cg", backward_tol=1e-8, backward_max_iter=500), data)
+    assert (stats.backward_iterations > 0).all() and (stats.backward_iterations < 500).all()

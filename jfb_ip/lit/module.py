@@ -30,11 +30,16 @@ def image_metrics(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     return psnr, ssim
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated CUDA memory on a GPU, else the process's peak resident set size."""
+def step_memory_bytes(device: torch.device) -> tuple[str, int]:
+    """(name, bytes): peak allocated CUDA memory of this step on a GPU (reset at step start),
+    else the process's current resident set size (read from /proc; peak RSS never falls)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return "memory/cuda_peak_bytes", torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/statm") as fh:
+            return "memory/rss_bytes", int(fh.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return "memory/max_rss_bytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class ReconstructionModule(L.LightningModule):
@@ -95,6 +100,8 @@ class ReconstructionModule(L.LightningModule):
         print(f"[jfb-ip] {type(self.method).__name__}: {n:,} trainable parameters{extra}")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         self._step_t0 = time.perf_counter()
 
     def training_step(self, batch, batch_idx: int):
@@ -126,7 +133,8 @@ class ReconstructionModule(L.LightningModule):
         if stats is not None and stats.backward_iterations is not None:
             self.log("train/solver/bwd_iters_mean", stats.backward_iterations.float().mean(), on_step=True)
             self.log("train/solver/bwd_residual_max", stats.backward_residual.float().max(), on_step=True)
-        self.log("memory/peak_bytes", float(peak_memory_bytes(self.device)), on_step=True)
+        name, nbytes = step_memory_bytes(self.device)
+        self.log(name, float(nbytes), on_step=True)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:

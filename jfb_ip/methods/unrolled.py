@@ -33,12 +33,15 @@ class UnrolledMethod(Method):
         x = meas.init()
         lam = self.step_size / per_sample(meas.norm(), x)
         outputs, stats = [], []
-        for k in range(self.n_stages):
-            d = x - lam * meas.grad(x)
-            x, st = self.prox(k, d)
-            outputs.append(x)
-            if st is not None:
-                stats.append(st)
+        # spectral-norm weights evaluated once per forward: every stage of LUSER-SW sees the
+        # same block, and backward keeps one copy of its weights, not K
+        with fixed_weights(self):
+            for k in range(self.n_stages):
+                d = x - lam * meas.grad(x)
+                x, st = self.prox(k, d)
+                outputs.append(x)
+                if st is not None:
+                    stats.append(st)
         self.stage_outputs = outputs
         return x, (SolverStats.merge(stats) if stats else None)
 
@@ -82,7 +85,6 @@ class LUSER(UnrolledMethod):
 
     def prox(self, k: int, d: Tensor):
         block = self.blocks[k % len(self.blocks)]
-        with fixed_weights(block):
-            injected = block.inject(d)
-            r, stats = self.solve(lambda r: block.step(r, injected), torch.zeros_like(d))
+        injected = block.inject(d)
+        r, stats = self.solve(lambda r: block.step(r, injected), torch.zeros_like(d))
         return d + r, stats

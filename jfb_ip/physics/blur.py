@@ -76,6 +76,7 @@ class GaussianBlur(LinearOperator):
     # --- closed forms for circular padding -------------------------------------------------
     def norm(self, like: Tensor, n_iter: int = 50) -> Tensor:
         """lambda_max(A^T A) = max_w |K(w)|^2 exactly for circular padding; power iteration otherwise."""
+        self._check(like)
         if self.padding != "circular":
             return super().norm(like, n_iter)
         K = self.transfer_function(like.shape[-2:], like.dtype, like.device)

@@ -18,6 +18,13 @@ from .stats import SolverStats
 BACKWARD_MODES: dict[str, Callable] = {}
 
 
+def mode_options(mode: str) -> set[str]:
+    """The option names a backward mode accepts (its keyword arguments after f, z0, solve)."""
+    import inspect
+
+    return set(list(inspect.signature(BACKWARD_MODES[mode]).parameters)[3:])
+
+
 def register_backward(name: str):
     def deco(fn):
         BACKWARD_MODES[name] = fn
@@ -32,7 +39,7 @@ def _solve_no_grad(f, z0, solve):
 
 
 @register_backward("jfb")
-def jfb(f, z0, solve, **_) -> tuple[Tensor, SolverStats]:
+def jfb(f, z0, solve) -> tuple[Tensor, SolverStats]:
     """Jacobian-free backprop, Alg. 4.1 of paper 000: solve without a graph, then output
     T(z*) once with the graph, so the gradient is p = dl/dz* . dT(z*)/dTheta (eq. 4.1)."""
     z_star, stats = _solve_no_grad(f, z0, solve)
@@ -45,13 +52,16 @@ def _vjp_fn(fz: Tensor, z: Tensor):
 
 @register_backward("implicit")
 def implicit(f, z0, solve, backward_solver: str = "anderson", backward_tol: float = 1e-4,
-             backward_max_iter: int = 100, backward_options: dict | None = None, **_) -> tuple[Tensor, SolverStats]:
+             backward_max_iter: int = 100, backward_solver_options: dict | None = None) -> tuple[Tensor, SolverStats]:
     """Exact gradient by the implicit function theorem (eq. 3.9-3.10 of paper 000).
 
     The incoming gradient g is replaced by u solving u = g + J^T u, J = df/dz at z*,
     inside a tensor hook, so autograd then carries u^T df/dTheta to the parameters.
     ``backward_solver`` is a forward-solver name (the linear fixed point is solved like any
     other) or 'cg' for conjugate gradient on the normal equations (paper 000 §5.3).
+    ``backward_solver_options`` (e.g. Anderson's m, lam) default to the forward solver's
+    when both use the same solver. The hook fires once: a second backward through the same
+    output (retain_graph) gets the plain JFB gradient.
     """
     z_star, stats = _solve_no_grad(f, z0, solve)
     if not torch.is_grad_enabled():
@@ -60,7 +70,10 @@ def implicit(f, z0, solve, backward_solver: str = "anderson", backward_tol: floa
     fz = f(z_star)
     if not fz.requires_grad:
         return fz, stats
-    opts = dict(backward_options or {})
+    opts = dict(backward_solver_options or {})
+    if backward_solver != "cg" and backward_solver not in FORWARD_SOLVERS:
+        raise ValueError(f"implicit: unknown backward_solver {backward_solver!r}; choose from "
+                         f"{sorted(FORWARD_SOLVERS) + ['cg']}")
 
     def hook(g: Tensor) -> Tensor:
         handle.remove()  # the vjp calls below must not re-enter this hook
@@ -94,14 +107,14 @@ def _cg_normal(vjp, fz, z_star, g, tol, max_iter):
         return a - jvp(a)
 
     b = g - jvp(g)
-    u = conjugate_gradient(apply, b, g.clone(), max_iter, tol)
+    u, iters = conjugate_gradient(apply, b, g.clone(), max_iter, tol, return_iterations=True)
+    # reported like every other backward solve: the residual of u = g + J^T u itself
     res = (u - vjp(u) - g).flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1).clamp_min(1e-30)
-    iters = torch.full((g.shape[0],), max_iter, dtype=torch.long, device=g.device)
     return u, SolverStats(iters, res, ~torch.isfinite(res))
 
 
 @register_backward("neumann")
-def neumann(f, z0, solve, neumann_k: int = 5, **_) -> tuple[Tensor, SolverStats]:
+def neumann(f, z0, solve, neumann_k: int = 5) -> tuple[Tensor, SolverStats]:
     """Truncated Neumann series (eq. 4.2 of paper 000): u = sum_{i=0}^{k} (J^T)^i g.
     k = 0 is JFB; k -> infinity is the implicit gradient."""
     z_star, stats = _solve_no_grad(f, z0, solve)
@@ -119,7 +132,8 @@ def neumann(f, z0, solve, neumann_k: int = 5, **_) -> tuple[Tensor, SolverStats]
                 term = vjp(term)
                 u = u + term
         stats.backward_iterations = torch.full((g.shape[0],), neumann_k, dtype=torch.long, device=g.device)
-        stats.backward_residual = relative_residual(vjp(u) + g, u).detach()
+        # u_k - u_{k-1} = (J^T)^k g: the relative residual of u_{k-1}, with no extra vjp
+        stats.backward_residual = (term.flatten(1).norm(dim=1) / u.flatten(1).norm(dim=1).clamp_min(1e-30)).detach()
         return u.detach()
 
     handle = fz.register_hook(hook)
@@ -127,7 +141,7 @@ def neumann(f, z0, solve, neumann_k: int = 5, **_) -> tuple[Tensor, SolverStats]
 
 
 @register_backward("unroll")
-def unroll(f, z0, solve, unroll_steps: int = 20, tol: float = 1e-4, **_) -> tuple[Tensor, SolverStats]:
+def unroll(f, z0, solve, unroll_steps: int = 20) -> tuple[Tensor, SolverStats]:
     """Backpropagate through ``unroll_steps`` plain iterations from z0, graph kept (the
     memory-hungry reference: memory grows linearly with the number of steps)."""
     z = z0
@@ -141,10 +155,12 @@ def unroll(f, z0, solve, unroll_steps: int = 20, tol: float = 1e-4, **_) -> tupl
 
 
 @register_backward("phantom")
-def phantom(f, z0, solve, phantom_k: int = 5, phantom_damping: float = 0.5, **_) -> tuple[Tensor, SolverStats]:
+def phantom(f, z0, solve, phantom_k: int = 5, phantom_damping: float = 0.5) -> tuple[Tensor, SolverStats]:
     """Phantom gradient (Geng et al. 2021): k damped differentiable steps
     z <- (1 - d) z + d f(z) started at the no-grad fixed point z*."""
     z_star, stats = _solve_no_grad(f, z0, solve)
+    if not torch.is_grad_enabled():
+        return f(z_star), stats
     z = z_star
     for _ in range(max(phantom_k, 1)):
         z = (1 - phantom_damping) * z + phantom_damping * f(z)

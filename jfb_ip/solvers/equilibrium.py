@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from .backward import BACKWARD_MODES
+from .backward import BACKWARD_MODES, mode_options
 from .forward import FORWARD_SOLVERS
 from .stats import SolverStats
 
@@ -25,7 +25,9 @@ def equilibrium(f: Callable[[Tensor], Tensor], z0: Tensor, forward: str = "ander
         tol: per-sample relative residual ||f(z) - z|| / ||f(z)|| to stop at.
         max_iter: forward iteration cap.
         backward_tol, backward_max_iter: for the implicit backward solve (default: tol, max_iter).
-        backward_options: mode-specific options (e.g. backward_solver, neumann_k, unroll_steps).
+        backward_options: mode-specific options (implicit: backward_solver, backward_solver_options;
+            neumann: neumann_k; unroll: unroll_steps; phantom: phantom_k, phantom_damping).
+            An option the mode does not take is an error, never silently ignored.
         **solver_options: forwarded to the forward solver (Anderson: m, lam, beta; all: bound).
 
     Returns:
@@ -38,6 +40,14 @@ def equilibrium(f: Callable[[Tensor], Tensor], z0: Tensor, forward: str = "ander
         raise ValueError(f"equilibrium: unknown backward mode {backward!r}; choose from {sorted(BACKWARD_MODES)}")
     solve = partial(FORWARD_SOLVERS[forward], tol=tol, max_iter=max_iter, **solver_options)
     opts = dict(backward_options or {})
-    opts.setdefault("backward_tol", tol if backward_tol is None else backward_tol)
-    opts.setdefault("backward_max_iter", max_iter if backward_max_iter is None else backward_max_iter)
-    return BACKWARD_MODES[backward](f, z0, solve, tol=tol, **opts)
+    allowed = mode_options(backward)
+    unknown = set(opts) - allowed
+    if unknown:
+        raise ValueError(f"equilibrium: backward mode {backward!r} takes no option(s) {sorted(unknown)}; "
+                         f"it accepts {sorted(allowed - {'backward_tol', 'backward_max_iter'}) or 'none'}")
+    if "backward_tol" in allowed:
+        opts.setdefault("backward_tol", tol if backward_tol is None else backward_tol)
+        opts.setdefault("backward_max_iter", max_iter if backward_max_iter is None else backward_max_iter)
+    if "backward_solver_options" in allowed and opts.get("backward_solver", "anderson") == forward:
+        opts.setdefault("backward_solver_options", dict(solver_options))  # same solver, same settings
+    return BACKWARD_MODES[backward](f, z0, solve, **opts)

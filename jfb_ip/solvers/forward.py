@@ -39,7 +39,7 @@ class _Tracker:
         self.iters = torch.full((B,), max_iter, device=z0.device, dtype=torch.long)
         self.done = torch.zeros(B, dtype=torch.bool, device=z0.device)
         self.diverged = torch.zeros(B, dtype=torch.bool, device=z0.device)
-        self.trace: list[float] = []
+        self.trace: list[Tensor] = []
 
     def bad(self, t: Tensor) -> Tensor:
         flat = t.flatten(1)
@@ -57,8 +57,8 @@ class _Tracker:
         newly = (res < self.tol) & ~self.done & ~self.diverged
         self.iters[newly] = k
         self.done |= newly
-        finite = res[torch.isfinite(res)]
-        self.trace.append(finite.max().item() if finite.numel() else float("inf"))
+        # kept on the device: a .item() here would sync the GPU at every iteration
+        self.trace.append(torch.where(torch.isfinite(res), res, torch.zeros_like(res)).max())
         return bad
 
     @property
@@ -67,7 +67,8 @@ class _Tracker:
 
     def stats(self) -> SolverStats:
         res = torch.where(torch.isfinite(self.best_res), self.best_res, torch.full_like(self.best_res, float("nan")))
-        return SolverStats(self.iters, res, self.diverged.clone(), self.trace)
+        trace = torch.stack(self.trace).tolist() if self.trace else []
+        return SolverStats(self.iters, res, self.diverged.clone(), trace)
 
 
 @register_forward("fixed_point")

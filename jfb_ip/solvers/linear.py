@@ -19,18 +19,22 @@ def _col(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def conjugate_gradient(apply, b: Tensor, x0: Tensor, n_iter: int = 100, tol: float = 1e-6) -> Tensor:
+def conjugate_gradient(apply, b: Tensor, x0: Tensor, n_iter: int = 100, tol: float = 1e-6,
+                       return_iterations: bool = False):
     """Batched CG for a symmetric positive definite ``apply``; each sample stops on its own
-    relative residual ||b - Ax|| / ||b|| < tol (converged samples take zero steps)."""
+    relative residual ||b - Ax|| / ||b|| < tol (converged samples take zero steps).
+    With ``return_iterations`` also returns the per-sample number of steps taken."""
     x = x0.clone()
     r = b - apply(x)
     p = r.clone()
     rs = batch_dot(r, r)
     b_norm2 = batch_dot(b, b).clamp_min(1e-30)
+    iters = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
     for _ in range(n_iter):
         active = rs > (tol**2) * b_norm2
         if not bool(active.any()):
             break
+        iters += active.long()
         Ap = apply(p)
         alpha = torch.where(active, rs / batch_dot(p, Ap).clamp_min(1e-30), torch.zeros_like(rs))
         x = x + _col(alpha, x) * p
@@ -39,4 +43,4 @@ def conjugate_gradient(apply, b: Tensor, x0: Tensor, n_iter: int = 100, tol: flo
         beta = torch.where(active, rs_new / rs.clamp_min(1e-30), torch.zeros_like(rs))
         p = r + _col(beta, p) * p
         rs = rs_new
-    return x
+    return (x, iters) if return_iterations else x
