@@ -89,3 +89,9 @@ def test_cli_reports_missing_dataset_in_one_line(tmp_path):
     assert r.returncode != 0
     assert "error: image folder split 'train' not found" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_wiener_baseline_is_tuned_on_validation_even_without_validation_epochs(tmp_path):
+    cfg = compose_cfg("train", TINY + ["trainer.check_val_every_n_epoch=1000"], tmp_path)
+    out = train(cfg)
+    assert out["test"]["wiener_lambda_tuned_on_val"] is True

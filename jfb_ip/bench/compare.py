@@ -1,12 +1,14 @@
 """Quality comparison of the solver families under one training budget.
 
-    python -m jfb_ip.bench.compare [--steps 150] [--image-size 32] [--out outputs/compare]
+    python -m jfb_ip.bench.compare [--steps 300] [--image-size 32] [--out outputs/compare]
 
 Trains each method of paper 002's comparison (LU-DnCNN, LUSER-SW, LUSER-DW) and DE-GRAD
 with JFB and with implicit differentiation (paper 000) through ``train.py`` — same data,
 task, seed, batch size and number of optimizer steps — then prints their held-out
 PSNR/SSIM beside the measurement and the Wiener filter. Each run keeps its own directory
 (metrics.json, checkpoints) under ``--out``; the table is also written to ``compare.json``.
+By default the unrolled methods run at a CPU scale (see ``CPU_SCALE``); ``--paper-sizes``
+uses the configs' paper 002 architectures.
 """
 from __future__ import annotations
 
@@ -19,6 +21,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# The CPU scale (default): K = 4 stages, LU-DnCNN's DnCNN at 8 layers of 32 channels (the
+# DE-GRAD default), LUSER's inner solve capped at 10 iterations. --paper-sizes drops these
+# (paper 002: K = 8, 17x64 DnCNN; meant for a GPU).
+CPU_SCALE = {
+    "lu_dncnn": ["method.stages=4", "method.net.depth=8", "method.net.width=32"],
+    "luser_sw": ["method.stages=4", "method.solver.max_iter=10", "method.solver.tol=1e-2"],
+    "luser_dw": ["method.stages=4", "method.solver.max_iter=10", "method.solver.tol=1e-2"],
+}
+
 # name -> overrides; the rest of the budget is shared (see main)
 RUNS = {
     "lu_dncnn": ["method=lu_dncnn"],
@@ -29,13 +40,15 @@ RUNS = {
 }
 
 
-def run(names: list[str], steps: int, image_size: int, batch: int, out: Path, extra: list[str]) -> dict:
+def run(names: list[str], steps: int, image_size: int, batch: int, out: Path, extra: list[str],
+        paper_sizes: bool = False) -> dict:
     results = {}
     for name in names:
         run_dir = out / name
-        cmd = [sys.executable, "train.py", *RUNS[name], f"trainer.max_steps={steps}", f"data.image_size={image_size}",
+        scale = [] if paper_sizes else CPU_SCALE.get(name, [])
+        cmd = [sys.executable, "train.py", *RUNS[name], *scale, f"trainer.max_steps={steps}", f"data.image_size={image_size}",
                f"data.batch_size={batch}", f"data.eval_batch_size={batch}", "logger=csv",
-               "trainer.enable_progress_bar=false", "trainer.check_val_every_n_epoch=1000", *extra,
+               "trainer.enable_progress_bar=false", "trainer.check_val_every_n_epoch=1000", *extra,  # validated once at the end
                f"hydra.run.dir={run_dir}"]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -45,7 +58,7 @@ def run(names: list[str], steps: int, image_size: int, batch: int, out: Path, ex
             continue
         metrics = json.loads((run_dir / "metrics.json").read_text())
         results[name] = {"test": {k: metrics["test"][k] for k in ("measurement", "wiener", "model")},
-                         "wall_time_s": wall, "n_images": metrics["test"]["n_images"]}
+                         "wall_time_s": wall, "n_images": metrics["test"]["n_images"], "overrides": cmd[2:]}
         print(f"{name}: model {metrics['test']['model']['psnr']:.2f} dB in {wall:.0f} s", flush=True)
     return results
 
@@ -66,17 +79,18 @@ def table(results: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per method (the shared budget)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps per method (the shared budget)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "compare")
+    p.add_argument("--paper-sizes", action="store_true", help="paper 002 architectures (K=8, 17x64), for a GPU")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. task=deblur_5x5)")
     args = p.parse_args(argv)
     names = [n for n in args.methods.split(",") if n]
     unknown = set(names) - set(RUNS)
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {list(RUNS)}")
-    results = run(names, args.steps, args.image_size, args.batch, args.out, args.overrides)
+    results = run(names, args.steps, args.image_size, args.batch, args.out, args.overrides, args.paper_sizes)
     print("\n" + table(results))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare.json").write_text(json.dumps({"steps": args.steps, "image_size": args.image_size,

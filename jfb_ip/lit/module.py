@@ -68,6 +68,8 @@ class ReconstructionModule(L.LightningModule):
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.seed = seed
         self.wiener = Wiener(lam=1e-2, prior=wiener_prior)
+        # set once the Wiener lambda has been tuned on validation data (saved in checkpoints)
+        self.register_buffer("wiener_tuned", torch.tensor(False))
         self.lambda_grid = list(default_lambda_grid())
         self.val_metrics = MetricCollection({"psnr": PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)),
                                              "ssim": StructuralSimilarityIndexMeasure(data_range=1.0)}, prefix="val/")
@@ -163,6 +165,7 @@ class ReconstructionModule(L.LightningModule):
             self.log_dict(metrics.compute())
             metrics.reset()
         self.wiener.lam.fill_(self.lambda_grid[int(self._lam_psnr.argmax())])
+        self.wiener_tuned.fill_(True)
         self.log("val/wiener_lambda", self.wiener.lam)
         self._log_images("val/examples", self._val_images)
 
@@ -205,6 +208,7 @@ class ReconstructionModule(L.LightningModule):
             self.log_dict({f"test/{name}_psnr": res[name]["psnr"], f"test/{name}_ssim": res[name]["ssim"]})
         res["per_image"] = {name: vals for name, vals in self._test.items()}
         res["wiener_lambda"] = float(self.wiener.lam)
+        res["wiener_lambda_tuned_on_val"] = bool(self.wiener_tuned)
         if self._test_stats:
             keys = self._test_stats[0].keys()
             res["solver"] = {k: float(sum(s[k] for s in self._test_stats) / len(self._test_stats)) for k in keys}

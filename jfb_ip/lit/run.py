@@ -75,6 +75,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         fit_s = time.perf_counter() - t0
         if trainer.interrupted:
             log.warning("training was interrupted; resume with ckpt_path=%s", out_dir / "checkpoints" / "last.ckpt")
+        elif not bool(module.wiener_tuned) and not trainer.fast_dev_run:
+            # no validation epoch ran (short run): validate once so the Wiener baseline is tuned
+            # on validation data, never on the test set
+            trainer.validate(module, datamodule=datamodule, verbose=False)
         if not trainer.fast_dev_run:
             trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
     payload: dict[str, Any] = {"config": {k: v for k, v in run_config.items() if k in ("method", "task", "backward", "data", "seed")}}
