@@ -47,32 +47,12 @@ from ..methods.base import fixed_weights
 from ..nets.dncnn import DnCNN
 from ..physics import Deblur
 from ..solvers import FORWARD_SOLVERS
+from .common import SavedBytes, save_figure
 
 MODES = ("jfb", "implicit", "neumann", "unroll", "phantom")
 PEERS = ("torchdeq_jfb", "torchdeq_implicit")
 KEYS = ("mode", "side", "batch", "time_s", "time_ratio_to_jfb", "memory_bytes", "memory_ratio_to_jfb", "fwd_iters",
         "bwd_iters", "grad_cos_to_implicit", "fwd_tol", "bwd_tol", "bwd_residual", "floor_time_s")
-
-
-class SavedBytes:
-    """Bytes of the distinct storages saved for backward inside the context (kept referenced until
-    exit, so a freed address cannot be reused and deduplication by data_ptr is exact)."""
-
-    def __enter__(self):
-        self.seen = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._hooks.__enter__()
-        return self
-
-    def _pack(self, t):
-        s = t.untyped_storage()
-        self.seen.setdefault(s.data_ptr(), s)
-        return t
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-        self.nbytes = sum(s.nbytes() for s in self.seen.values())
-        self.seen = {}
 
 
 def _mean(t):
@@ -281,10 +261,7 @@ def plot(payload, path) -> bool:
     a.set(xlabel="image side (px)", ylabel="time per training step (s)", title=f"batch {payload['config']['batch']}")
     b.set(xlabel="image side (px)", ylabel="memory (MiB)", title=f"{payload['device']}: {payload['config']['memory']}")
     a.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +46,7 @@ def run(names: list[str], steps: int, image_size: int, batch: int, out: Path, ex
     results = {}
     for name in names:
         run_dir = out / name
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run directory with last.ckpt would be resumed
         scale = [] if paper_sizes else CPU_SCALE.get(name, [])
         cmd = [sys.executable, "train.py", *RUNS[name], *scale, f"trainer.max_steps={steps}", f"data.image_size={image_size}",
                f"data.batch_size={batch}", f"data.eval_batch_size={batch}", "logger=csv",

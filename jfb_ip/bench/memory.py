@@ -43,6 +43,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from ..nets import count_parameters
+from .common import SavedBytes, save_figure
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 # name -> (method config, backward config or None for the method's own, what the sweep varies)
@@ -55,32 +56,6 @@ KEYS = ("method", "backward", "task", "params", "iters_or_stages", "bytes_per_sa
 
 def available_tasks() -> list[str]:
     return sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
-
-
-class SavedBytes:
-    """Bytes of the distinct storages saved for backward inside the context, those in ``exclude``
-    (addresses counted elsewhere) left out; storages stay referenced until exit, so an address is
-    never reused and deduplication by address is exact."""
-
-    def __init__(self, exclude=()):
-        self.exclude = set(exclude)
-
-    def __enter__(self):
-        self.seen = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._hooks.__enter__()
-        return self
-
-    def _pack(self, t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in self.exclude:
-            self.seen.setdefault(s.data_ptr(), s)
-        return t
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-        self.nbytes = sum(s.nbytes() for s in self.seen.values())
-        self.seen = {}
 
 
 def _nbytes(tensors) -> int:
@@ -243,10 +218,7 @@ def plot(payload, path) -> bool:
         ax.legend(fontsize=8)
     c = payload["config"]
     fig.suptitle(f"{payload['device']}, {task}, {c['channels']}x{c['image_size']}x{c['image_size']}", fontsize=9)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -5,7 +5,7 @@ The measurement is never made here: the LightningModule makes it on the training
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from PIL import Image

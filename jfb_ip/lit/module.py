@@ -17,7 +17,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from ..methods import Method, Wiener
 from ..methods.classical import default_lambda_grid
 from ..nets import count_parameters
-from ..physics import Measurement, Task
+from ..physics import Task
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,10 @@ class ReconstructionModule(L.LightningModule):
         res["wall_time_s"] = time.perf_counter() - self._test_t
         self.test_results = res
         self._log_images("test/examples", self.test_examples)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # checkpoints written before the flag existed still load
+        checkpoint["state_dict"].setdefault("wiener_tuned", torch.tensor(False))
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

@@ -71,6 +71,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
             raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; give the checkpoint of the run to resume "
                               f"(e.g. <run dir>/checkpoints/last.ckpt)")
+        last = out_dir / "checkpoints" / "last.ckpt"
+        if not cfg.get("ckpt_path") and last.is_file():
+            # Lightning resumes a run directory's last.ckpt on its own (fault tolerance); say so
+            log.warning("resuming from %s (this run directory already holds it)", last)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         fit_s = time.perf_counter() - t0
         if trainer.interrupted:

@@ -1,7 +1,6 @@
 """DnCNN (Zhang et al. 2017) as used in paper 000 §5.1 and paper 002 §4.1."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm

@@ -1,7 +1,6 @@
 """The shallow equilibrium proximal block of LUSER (paper 002, Fig. 1, eq. 7, Table 1)."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from kornia.filters import filter2d, get_gaussian_kernel2d
 from torch import Tensor
 
