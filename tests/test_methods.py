@@ -49,3 +49,20 @@ def test_every_method_on_every_task_multirun(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         jobs += len(methods) * len(TASKS)
     assert len(list(tmp_path.glob("*/*/metrics.json"))) == jobs
+
+
+def test_memory_lean_groupnorm_leakyrelu_matches_torch():
+    import torch
+    from torch import nn
+
+    from jfb_ip.nets.inplace_norm import GroupNormLeakyReLU, _GroupNormLeakyReLU
+
+    torch.manual_seed(0)
+    m = GroupNormLeakyReLU(4, 8, 0.1).double()
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.3, 0.3)
+    ref = nn.Sequential(nn.GroupNorm(4, 8), nn.LeakyReLU(0.1)).double()
+    ref[0].load_state_dict(m.state_dict())
+    x = torch.randn(3, 8, 5, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.allclose(m(x), ref(x), atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *a: _GroupNormLeakyReLU.apply(*a, 4, 1e-5, 0.1), (x, m.weight, m.bias))

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .dncnn import lipschitz_conv
+from .inplace_norm import GroupNormLeakyReLU
 
 
 def _conv(cin: int, cout: int, gamma: float) -> nn.Conv2d:
@@ -21,9 +22,11 @@ class LUSERBlock(nn.Module):
     residual added to d_k. Convolutions have biases and GroupNorm is affine, which gives
     Table 3's parameter counts (93,953 per block for C = 1).
 
-    Memory: LeakyReLUs act in place, and the first mixing conv applies the two halves of its
-    (jointly spectrally normalised) kernel to Data(r) and Inj(d) separately and sums them,
-    which equals the conv of the concatenation without storing a concatenated copy for backward.
+    Memory (same function, fewer tensors kept for backward): LeakyReLUs act in place; each
+    GroupNorm + LeakyReLU pair keeps only its output (:class:`GroupNormLeakyReLU`, InPlace-ABN
+    style); the first mixing conv applies the two halves of its (jointly spectrally
+    normalised) kernel to Data(r) and Inj(d) and sums them, which equals the conv of the
+    concatenation without storing a concatenated copy.
     """
 
     def __init__(self, channels: int = 3, width: int = 32, groups: int = 8, gamma: float = 1.0,
@@ -33,10 +36,11 @@ class LUSERBlock(nn.Module):
         self.width = width
         w2 = 2 * width
         self.injection = nn.Sequential(_conv(channels, width, gamma), act(), _conv(width, width, gamma), act())
-        self.data = nn.Sequential(_conv(channels, width, gamma), nn.GroupNorm(groups, width), act(),
-                                  _conv(width, width, gamma), nn.GroupNorm(groups, width), act())
-        self.mixing = nn.Sequential(_conv(w2, w2, gamma), nn.GroupNorm(groups, w2), act(),
-                                    _conv(w2, w2, gamma), nn.GroupNorm(groups, w2), act(),
+        norm_act = lambda c: GroupNormLeakyReLU(groups, c, negative_slope)  # noqa: E731
+        self.data = nn.Sequential(_conv(channels, width, gamma), norm_act(width),
+                                  _conv(width, width, gamma), norm_act(width))
+        self.mixing = nn.Sequential(_conv(w2, w2, gamma), norm_act(w2),
+                                    _conv(w2, w2, gamma), norm_act(w2),
                                     _conv(w2, channels, gamma))
 
     def inject(self, d: Tensor) -> Tensor:
