@@ -66,3 +66,20 @@ def test_memory_lean_groupnorm_leakyrelu_matches_torch():
     x = torch.randn(3, 8, 5, 6, dtype=torch.float64, requires_grad=True)
     assert torch.allclose(m(x), ref(x), atol=1e-12)
     assert torch.autograd.gradcheck(lambda *a: _GroupNormLeakyReLU.apply(*a, 4, 1e-5, 0.1), (x, m.weight, m.bias))
+
+
+def test_luser_inner_solves_report_backward_stats(tmp_path):
+    import torch
+
+    from jfb_ip.solvers import SolverStats
+
+    cfg = compose_cfg("train", ["method=luser_dw", "backward=implicit", "method.stages=2", "task.kernel_size=5"],
+                      tmp_path)
+    method = hydra.utils.instantiate(cfg.method, _convert_="all")
+    task = hydra.utils.instantiate(cfg.task)
+    x = torch.rand(2, 3, 12, 12)
+    x_hat, stats = method(task.sample(x, seeds=torch.arange(2)))
+    ((x_hat - x) ** 2).mean().backward()
+    merged = SolverStats.merge(stats.parts)
+    assert len(stats.parts) == 2 and merged.backward_iterations is not None
+    assert all(p.grad is not None for p in method.blocks[0].parameters() if p.requires_grad)

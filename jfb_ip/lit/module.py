@@ -18,6 +18,7 @@ from ..methods import Method, Wiener
 from ..methods.classical import default_lambda_grid
 from ..nets import count_parameters
 from ..physics import Task
+from ..solvers import SolverStats
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,8 @@ class ReconstructionModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.log("time/step_s", time.perf_counter() - self._step_t0, on_step=True)
         stats = getattr(self, "_train_stats", None)
+        if stats is not None and stats.parts:
+            stats = SolverStats.merge(stats.parts)  # per-stage backward stats exist only now
         if stats is not None and stats.backward_iterations is not None:
             self.log("train/solver/bwd_iters_mean", stats.backward_iterations.float().mean(), on_step=True)
             self.log("train/solver/bwd_residual_max", stats.backward_residual.float().max(), on_step=True)

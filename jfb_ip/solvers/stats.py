@@ -24,6 +24,8 @@ class SolverStats:
     trace: list[float] = field(default_factory=list)
     backward_iterations: Tensor | None = None
     backward_residual: Tensor | None = None
+    # the per-stage stats a merged object was built from (their backward fields fill in later)
+    parts: list["SolverStats"] | None = None
 
     @property
     def converged(self) -> Tensor:
@@ -46,7 +48,8 @@ class SolverStats:
     @staticmethod
     def merge(stats: list["SolverStats"]) -> "SolverStats":
         """Combine the solves of several stages of one batch (e.g. LUSER's K inner solves):
-        iterations add up, the residual is the worst, a sample diverged if any stage did."""
+        iterations add up, the residual is the worst, a sample diverged if any stage did.
+        Backward solves run later, so merge ``parts`` again after backward to see them."""
         first = stats[0]
         bi = [s.backward_iterations for s in stats if s.backward_iterations is not None]
         br = [s.backward_residual for s in stats if s.backward_residual is not None]
@@ -57,4 +60,5 @@ class SolverStats:
             trace=[t for s in stats for t in s.trace],
             backward_iterations=torch.stack(bi).sum(0) if bi else None,
             backward_residual=torch.stack(br).amax(0) if br else first.backward_residual,
+            parts=list(stats),
         )
