@@ -32,12 +32,10 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import json
 import os
 import statistics
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +45,7 @@ from ..methods.base import fixed_weights
 from ..nets.dncnn import DnCNN
 from ..physics import Deblur
 from ..solvers import FORWARD_SOLVERS
-from .common import SavedBytes, save_figure
+from .common import SavedBytes, pyplot, save_figure, write_outputs
 
 MODES = ("jfb", "implicit", "neumann", "unroll", "phantom")
 PEERS = ("torchdeq_jfb", "torchdeq_implicit")
@@ -243,12 +241,8 @@ def report(payload, log=print) -> None:
 
 
 def plot(payload, path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"plot skipped ({path}): matplotlib not installed")
+    plt = pyplot(path)
+    if plt is None:
         return False
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for mode in dict.fromkeys(r["mode"] for r in payload["rows"]):
@@ -309,13 +303,7 @@ def main(argv=None) -> dict:
     print(f"device: {payload['device']}, tol {a.tol}, max_iter {a.max_iter}, median of {a.repeats} timed steps "
           f"after {1 + a.warmup} untimed")
     report(payload)
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(payload, indent=1))
-        print(f"wrote {a.json}")
-    if a.png:
-        if plot(payload, a.png):
-            print(f"wrote {a.png}")
+    write_outputs(payload, a.json, a.png, plot)
     return payload
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import torch
 
 
@@ -32,6 +34,19 @@ class SavedBytes:
         self.seen = {}
 
 
+def pyplot(path):
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a note) if not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"plot skipped ({path}): matplotlib not installed")
+        return None
+    return plt
+
+
 def save_figure(fig, path) -> None:
     """tight layout, write the PNG (creating its folder), close the figure."""
     import matplotlib.pyplot as plt
@@ -40,3 +55,13 @@ def save_figure(fig, path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_outputs(payload: dict, json_path, png_path, plot) -> None:
+    """Write the payload as JSON and ``plot(payload, png_path)``, where paths are given."""
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(payload, indent=1))
+        print(f"wrote {json_path}")
+    if png_path and plot(payload, png_path):
+        print(f"wrote {png_path}")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 from contextlib import nullcontext
 from pathlib import Path
@@ -43,7 +42,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from ..nets import count_parameters
-from .common import SavedBytes, save_figure
+from .common import SavedBytes, pyplot, save_figure, write_outputs
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 # name -> (method config, backward config or None for the method's own, what the sweep varies)
@@ -196,12 +195,8 @@ def report(payload, log=print) -> None:
 
 
 def plot(payload, path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"plot skipped ({path}): matplotlib not installed")
+    plt = pyplot(path)
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     task = payload["config"]["tasks"][0]
@@ -255,12 +250,7 @@ def main(argv=None) -> dict:
     print(f"device: {payload['device']}; {c['channels']}x{a.image_size}x{a.image_size} images; batches {a.batches}; "
           f"memory = {c['memory']}; max batch per GiB budget (even, or 1, '-' if none)")
     report(payload)
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(payload, indent=1))
-        print(f"wrote {a.json}")
-    if a.png and plot(payload, a.png):
-        print(f"wrote {a.png}")
+    write_outputs(payload, a.json, a.png, plot)
     return payload
 
 
