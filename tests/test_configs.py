@@ -78,3 +78,26 @@ def test_train_runs(combo, tmp_path):
         assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
         metrics = json.loads((tmp_path / "metrics.json").read_text())
         assert metrics["test"]["model"]["psnr"] > 10
+
+
+SHRINK = {"lu_dncnn": ["method.net.depth=3", "method.net.width=8", "method.stages=2"],
+          "luser_sw": ["method.solver.max_iter=3", "method.stages=2"],
+          "luser_dw": ["method.solver.max_iter=3", "method.stages=2"],
+          "deprox": ["method.net.depth=3", "method.net.width=8", "method.solver.max_iter=5"]}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("method", "task", "backward", "trainer", "logger",
+                                                             "callbacks", "data") for o in options(g)
+                                          if (g, o) != ("trainer", "gpu")])
+def test_fast_dev_run_for_every_option(group, option, tmp_path, image_folder, fake_celeba, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    base = TINY_ANY_DATA if group == "data" else TINY
+    if group == "method":
+        base = [o for o in base if not o.startswith("method.")] + SHRINK.get(option, ["method.net.depth=3",
+                                                                                     "method.net.width=8"])
+    extra = {"folder": [f"data.root={image_folder}", "data.num_workers=0"],
+             "celeba": [f"data.root={fake_celeba}", "data.num_workers=0"]}.get(option, []) if group == "data" else []
+    cfg = compose_cfg("train", base + [f"{group}={option}", "+trainer.fast_dev_run=true"] + extra, tmp_path)
+    out = train(cfg)
+    assert out["test"]["model"]["psnr"] > 0

@@ -10,6 +10,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from ..data import DatasetNotFoundError
@@ -92,11 +93,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print("\n" + format_table(module.test_results) + "\n")
     payload["train"] = {"wall_time_s": fit_s, "steps": trainer.global_step, "skipped_samples": module.skipped_samples}
     payload["wall_time_s"] = time.perf_counter() - t0
-    if not trainer.fast_dev_run or cfg.get("test", True):
-        path = write_metrics(out_dir, payload)
-        log.info("metrics written to %s", path)
-    for lg in trainer.loggers:
-        if hasattr(lg, "experiment") and "test" in payload and hasattr(lg.experiment, "summary"):
+    path = write_metrics(out_dir, payload)
+    log.info("metrics written to %s", path)
+    for lg in trainer.loggers:  # the test table also in the wandb run summary, for dashboards
+        if isinstance(lg, WandbLogger) and "test" in payload:
             for row in ("measurement", "wiener", "model"):
                 for k, v in payload["test"][row].items():
                     lg.experiment.summary[f"test/{row}_{k}"] = v
