@@ -6,6 +6,7 @@ nn.LeakyReLU; one stored feature map per layer instead of two."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -59,4 +60,7 @@ class GroupNormLeakyReLU(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        return _GroupNormLeakyReLU.apply(x, self.weight, self.bias, self.groups, self.eps, self.slope)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _GroupNormLeakyReLU.apply(x, self.weight, self.bias, self.groups, self.eps, self.slope)
+        # no graph to keep (the no-grad fixed-point iterations): torch's fused kernels
+        return F.leaky_relu(F.group_norm(x, self.groups, self.weight, self.bias, self.eps), self.slope)
