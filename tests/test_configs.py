@@ -101,3 +101,9 @@ def test_fast_dev_run_for_every_option(group, option, tmp_path, image_folder, fa
     cfg = compose_cfg("train", base + [f"{group}={option}", "+trainer.fast_dev_run=true"] + extra, tmp_path)
     out = train(cfg)
     assert out["test"]["model"]["psnr"] > 0
+
+
+def test_backward_option_of_another_mode_fails_when_built(tmp_path):
+    cfg = compose_cfg("train", ["backward=neumann", "+backward.unroll_steps=3"], tmp_path)
+    with pytest.raises(Exception, match=r"takes no option\(s\) \['unroll_steps'\]"):
+        hydra.utils.instantiate(cfg.method, _convert_="all")

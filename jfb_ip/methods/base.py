@@ -10,6 +10,7 @@ from torch.nn.utils import parametrize
 
 from ..physics import Measurement
 from ..solvers import BACKWARD_MODES, FORWARD_SOLVERS, SolverStats, equilibrium
+from ..solvers.backward import mode_options
 
 
 class Method(nn.Module):
@@ -45,6 +46,10 @@ class Equilibrium:
         self.mode = backward.pop("mode", "jfb")
         if self.mode not in BACKWARD_MODES:
             raise ValueError(f"unknown backward mode {self.mode!r}; choose from {sorted(BACKWARD_MODES)}")
+        unknown = set(backward) - mode_options(self.mode)
+        if unknown:  # fail when the config is built, not at the first training step
+            raise ValueError(f"backward mode {self.mode!r} takes no option(s) {sorted(unknown)}; it accepts "
+                             f"{sorted(mode_options(self.mode)) or 'none'}")
         self.backward_tol = backward.pop("backward_tol", None)
         self.backward_max_iter = backward.pop("backward_max_iter", None)
         self.solver_options, self.backward_options = solver, backward
