@@ -68,24 +68,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = build_module(cfg, run_config)
     trainer = _trainer(cfg, _instantiate_dict(cfg.get("callbacks")), _instantiate_dict(cfg.get("logger")))
     fit_s = 0.0
+    last = out_dir / "checkpoints" / "last.ckpt"
     if cfg.get("train", True):
         if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
             raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; give the checkpoint of the run to resume "
                               f"(e.g. <run dir>/checkpoints/last.ckpt)")
-        last = out_dir / "checkpoints" / "last.ckpt"
         if not cfg.get("ckpt_path") and last.is_file():
             # Lightning resumes a run directory's last.ckpt on its own (fault tolerance); say so
             log.warning("resuming from %s (this run directory already holds it)", last)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         fit_s = time.perf_counter() - t0
         if trainer.interrupted:
-            log.warning("training was interrupted; resume with ckpt_path=%s", out_dir / "checkpoints" / "last.ckpt")
+            log.warning("training was interrupted; resume with ckpt_path=%s", last)
         elif not bool(module.wiener_tuned) and not trainer.fast_dev_run:
             # no validation epoch ran (short run): validate once so the Wiener baseline is tuned
             # on validation data, never on the test set
             trainer.validate(module, datamodule=datamodule, verbose=False)
         if not trainer.fast_dev_run:
-            trainer.save_checkpoint(out_dir / "checkpoints" / "last.ckpt")
+            trainer.save_checkpoint(last)
     payload: dict[str, Any] = {"config": {k: v for k, v in run_config.items() if k in ("method", "task", "backward", "data", "seed")}}
     if cfg.get("test", True):
         trainer.test(module, datamodule=datamodule, verbose=False)

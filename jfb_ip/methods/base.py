@@ -9,8 +9,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..physics import Measurement
-from ..solvers import BACKWARD_MODES, FORWARD_SOLVERS, SolverStats, equilibrium
-from ..solvers.backward import mode_options
+from ..solvers import SolverStats, equilibrium
+from ..solvers.equilibrium import check_names
 
 
 class Method(nn.Module):
@@ -41,15 +41,8 @@ class Equilibrium:
     def __init__(self, solver: Mapping[str, Any], backward: Mapping[str, Any]):
         solver, backward = dict(solver), dict(backward)
         self.forward = solver.pop("forward", "anderson")
-        if self.forward not in FORWARD_SOLVERS:
-            raise ValueError(f"unknown forward solver {self.forward!r}; choose from {sorted(FORWARD_SOLVERS)}")
         self.mode = backward.pop("mode", "jfb")
-        if self.mode not in BACKWARD_MODES:
-            raise ValueError(f"unknown backward mode {self.mode!r}; choose from {sorted(BACKWARD_MODES)}")
-        unknown = set(backward) - mode_options(self.mode)
-        if unknown:  # fail when the config is built, not at the first training step
-            raise ValueError(f"backward mode {self.mode!r} takes no option(s) {sorted(unknown)}; it accepts "
-                             f"{sorted(mode_options(self.mode)) or 'none'}")
+        check_names(self.forward, self.mode, backward)  # fail when the config is built, not at the first step
         self.backward_tol = backward.pop("backward_tol", None)
         self.backward_max_iter = backward.pop("backward_max_iter", None)
         self.solver_options, self.backward_options = solver, backward

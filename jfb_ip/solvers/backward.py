@@ -6,6 +6,7 @@ a mode by name is all a method or config needs, so ``method x backward`` is a fr
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import torch
@@ -20,8 +21,6 @@ BACKWARD_MODES: dict[str, Callable] = {}
 
 def mode_options(mode: str) -> set[str]:
     """The option names a backward mode accepts (its keyword arguments after f, z0, solve)."""
-    import inspect
-
     return set(list(inspect.signature(BACKWARD_MODES[mode]).parameters)[3:])
 
 

@@ -11,6 +11,19 @@ from .forward import FORWARD_SOLVERS
 from .stats import SolverStats
 
 
+def check_names(forward: str, backward: str, backward_options=None) -> None:
+    """Raise a clear ValueError for an unknown forward solver, backward mode, or an option
+    the backward mode does not take (options are never silently ignored)."""
+    if forward not in FORWARD_SOLVERS:
+        raise ValueError(f"unknown forward solver {forward!r}; choose from {sorted(FORWARD_SOLVERS)}")
+    if backward not in BACKWARD_MODES:
+        raise ValueError(f"unknown backward mode {backward!r}; choose from {sorted(BACKWARD_MODES)}")
+    unknown = set(backward_options or {}) - mode_options(backward)
+    if unknown:
+        raise ValueError(f"backward mode {backward!r} takes no option(s) {sorted(unknown)}; it accepts "
+                         f"{sorted(mode_options(backward) - {'backward_tol', 'backward_max_iter'}) or 'none'}")
+
+
 def equilibrium(f: Callable[[Tensor], Tensor], z0: Tensor, forward: str = "anderson", backward: str = "jfb",
                 tol: float = 1e-4, max_iter: int = 100, backward_tol: float | None = None,
                 backward_max_iter: int | None = None, backward_options: dict | None = None,
@@ -34,17 +47,10 @@ def equilibrium(f: Callable[[Tensor], Tensor], z0: Tensor, forward: str = "ander
         z: the fixed point, differentiable according to ``backward``.
         stats: :class:`SolverStats` with per-sample iterations, residuals, divergence flags.
     """
-    if forward not in FORWARD_SOLVERS:
-        raise ValueError(f"equilibrium: unknown forward solver {forward!r}; choose from {sorted(FORWARD_SOLVERS)}")
-    if backward not in BACKWARD_MODES:
-        raise ValueError(f"equilibrium: unknown backward mode {backward!r}; choose from {sorted(BACKWARD_MODES)}")
+    check_names(forward, backward, backward_options)
     solve = partial(FORWARD_SOLVERS[forward], tol=tol, max_iter=max_iter, **solver_options)
     opts = dict(backward_options or {})
     allowed = mode_options(backward)
-    unknown = set(opts) - allowed
-    if unknown:
-        raise ValueError(f"equilibrium: backward mode {backward!r} takes no option(s) {sorted(unknown)}; "
-                         f"it accepts {sorted(allowed - {'backward_tol', 'backward_max_iter'}) or 'none'}")
     if "backward_tol" in allowed:
         opts.setdefault("backward_tol", tol if backward_tol is None else backward_tol)
         opts.setdefault("backward_max_iter", max_iter if backward_max_iter is None else backward_max_iter)
