@@ -24,7 +24,7 @@ def make(mode="implicit", solver=None, **bw):
     for i, layer in enumerate(net.body):
         if isinstance(layer, torch.nn.ReLU):
             net.body[i] = torch.nn.Tanh()
-    solver = {"forward": "anderson", "tol": 1e-12, "max_iter": 500, **(solver or {})}
+    solver = {"name": "anderson", "tol": 1e-12, "max_iter": 500, **(solver or {})}
     m = DEGRAD(net, solver=solver, backward={"mode": mode, **bw}, reg_weight=0.5).to(D).eval()
     return m
 
@@ -37,19 +37,19 @@ def data():
 
 def grads(m, data):
     x, meas = data
-    x_hat, stats = m(meas)
-    loss = ((x_hat - x) ** 2).sum()
+    rec = m(meas)
+    loss = ((rec.x - x) ** 2).sum()
     params = [p for p in m.parameters() if p.requires_grad]
     loss.backward()
     g = torch.cat([p.grad.flatten() for p in params])
     m.zero_grad()
-    return g, stats
+    return g, rec.solver_stats()
 
 
 def loss_at(m, data):
     x, meas = data
     with torch.no_grad():
-        return ((m(meas)[0] - x) ** 2).sum()
+        return ((m(meas).x - x) ** 2).sum()
 
 
 def rel(a, b):
@@ -119,13 +119,13 @@ def test_backward_tol_and_solver_change_the_backward_solve(data):
 def test_forward_options_change_the_solve(data):
     x, meas = data
     with torch.no_grad():
-        base = make("jfb", {"tol": 1e-8})(meas)[1]
-        assert (make("jfb", {"tol": 1e-3})(meas)[1].iterations < base.iterations).all()
-        assert (make("jfb", {"tol": 1e-8, "m": 1})(meas)[1].iterations != base.iterations).any()
-        assert (make("jfb", {"tol": 1e-8, "forward": "fixed_point"})(meas)[1].iterations > base.iterations).all()
-        assert (make("jfb", {"tol": 1e-8, "forward": "broyden"})(meas)[1].iterations != base.iterations).any()
-        assert (make("jfb", {"tol": 1e-8, "max_iter": 2})(meas)[1].iterations == 2).all()
-        assert (make("jfb", {"tol": 1e-8, "beta": 0.5})(meas)[1].iterations != base.iterations).any()
+        base = make("jfb", {"tol": 1e-8})(meas).stats
+        assert (make("jfb", {"tol": 1e-3})(meas).stats.iterations < base.iterations).all()
+        assert (make("jfb", {"tol": 1e-8, "m": 1})(meas).stats.iterations != base.iterations).any()
+        assert (make("jfb", {"tol": 1e-8, "name": "fixed_point"})(meas).stats.iterations > base.iterations).all()
+        assert (make("jfb", {"tol": 1e-8, "name": "broyden"})(meas).stats.iterations != base.iterations).any()
+        assert (make("jfb", {"tol": 1e-8, "max_iter": 2})(meas).stats.iterations == 2).all()
+        assert (make("jfb", {"tol": 1e-8, "beta": 0.5})(meas).stats.iterations != base.iterations).any()
 
 
 def test_mode_options_change_the_gradient(data):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import hydra
@@ -24,35 +25,58 @@ def test_every_group_has_options():
             "hparams_search", "launcher", "debug", "paths", "hydra"} <= set(GROUPS)
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in ("method", "task", "backward", "trainer", "logger",
-                                                             "callbacks", "data") for o in options(g)])
+# what each option of a group must build (checked against the built object, not just "is not None")
+EXPECTED_TYPE = {"method": {"degrad": "DEGRAD", "deprox": "DEProx", "lu_dncnn": "LUDnCNN", "luser_sw": "LUSER",
+                            "luser_dw": "LUSER", "wiener": "Wiener"},
+                 "logger": {"wandb": ["WandbLogger"], "csv": ["CSVLogger"], "none": []},
+                 "callbacks": {"default": ["ModelCheckpoint", "OnExceptionCheckpoint"], "none": []}}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("method", "task", "solver", "backward", "trainer",
+                                                             "logger", "callbacks", "data") for o in options(g)])
 def test_option_instantiates(group, option, tmp_path, image_folder, fake_celeba):
     extra = {"folder": [f"data.root={image_folder}"], "celeba": [f"data.root={fake_celeba}"]}.get(option, [])
     base = TINY_ANY_DATA if group == "data" else TINY
     if group == "method":  # the tiny net/solver keys belong to DE-GRAD; each method has its own
-        base = [o for o in base if not o.startswith("method.")]
+        base = [o for o in base if not o.startswith(("method.", "solver."))] + SHRINK[option]
+    if (group, option) == ("solver", "none"):
+        base = [o for o in base if not o.startswith("solver.")]
     cfg = compose_cfg("train", base + [f"{group}={option}"] + (extra if group == "data" else []), tmp_path)
     node = cfg[group]
     if (group, option) == ("trainer", "gpu") and not torch.cuda.is_available():
         pytest.skip("trainer=gpu composes; instantiating it needs a GPU")
     if group in ("logger", "callbacks"):
         objs = [hydra.utils.instantiate(c) for c in node.values()] if node else []
-        assert all(o is not None for o in objs)
-    elif group == "backward":
-        assert "mode" in node
+        assert sorted(type(o).__name__ for o in objs) == EXPECTED_TYPE[group][option]
+    elif group in ("solver", "backward"):
+        if option == "none":  # only for methods without a fixed point: DE-GRAD must refuse it
+            with pytest.raises(Exception, match=f"{group}=none|unknown backward mode 'none'"):
+                hydra.utils.instantiate(cfg.method, _convert_="all")
+            return
+        method = hydra.utils.instantiate(cfg.method, _convert_="all")
+        assert (method.solve.forward if group == "solver" else method.solve.mode) == node.get("name", node.get("mode"))
     elif group == "data":
         dm = hydra.utils.instantiate(node)
         dm.setup("fit"), dm.setup("test")
         x, idx = next(iter(dm.train_dataloader()))
         assert x.shape[1:] == (3, 16, 16) and x.dtype.is_floating_point
+    elif group == "method":
+        assert type(hydra.utils.instantiate(node, _convert_="all")).__name__ == EXPECTED_TYPE[group][option]
+    elif group == "task":
+        task = hydra.utils.instantiate(node)
+        x = torch.rand(2, 3, 16, 16)
+        meas = task.sample(x, seeds=torch.arange(2))
+        assert meas.y.shape == x.shape and (meas.y - x).abs().mean() > 1e-3  # a real degradation
     else:
-        assert hydra.utils.instantiate(node, _convert_="all") is not None
+        trainer = hydra.utils.instantiate(node)
+        assert type(trainer).__name__ == "Trainer" and trainer.max_steps == node.max_steps
 
 
 @pytest.mark.parametrize("option", options("experiment"))
-def test_experiments_compose(option, tmp_path):
+def test_experiments_compose_and_build(option, tmp_path):
     cfg = compose_cfg("train", [f"experiment={option}"], tmp_path)
-    assert cfg.method._target_
+    method = hydra.utils.instantiate(cfg.method, _convert_="all")
+    assert method.backward_mode == cfg.backward.mode
 
 
 @pytest.mark.parametrize("group", ["hparams_search", "launcher", "debug"])
@@ -81,26 +105,30 @@ def test_train_runs(combo, tmp_path):
 
 
 SHRINK = {"lu_dncnn": ["method.net.depth=3", "method.net.width=8", "method.stages=2"],
-          "luser_sw": ["method.solver.max_iter=3", "method.stages=2"],
-          "luser_dw": ["method.solver.max_iter=3", "method.stages=2"],
-          "deprox": ["method.net.depth=3", "method.net.width=8", "method.solver.max_iter=5"]}
+          "luser_sw": ["solver.max_iter=3", "method.stages=2"],
+          "luser_dw": ["solver.max_iter=3", "method.stages=2"],
+          "deprox": ["method.net.depth=3", "method.net.width=8", "solver.max_iter=5"],
+          "degrad": ["method.net.depth=3", "method.net.width=8", "solver.max_iter=5"],
+          "wiener": []}
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in ("method", "task", "backward", "trainer", "logger",
-                                                             "callbacks", "data") for o in options(g)
-                                          if (g, o) != ("trainer", "gpu")])
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("method", "task", "solver", "backward", "trainer",
+                                                             "logger", "callbacks", "data") for o in options(g)
+                                          if (g, o) not in (("trainer", "gpu"), ("solver", "none"), ("backward", "none"))])
 def test_fast_dev_run_for_every_option(group, option, tmp_path, image_folder, fake_celeba, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     base = TINY_ANY_DATA if group == "data" else TINY
     if group == "method":
-        base = [o for o in base if not o.startswith("method.")] + SHRINK.get(option, ["method.net.depth=3",
-                                                                                     "method.net.width=8"])
+        base = [o for o in base if not o.startswith(("method.", "solver."))] + SHRINK[option]
     extra = {"folder": [f"data.root={image_folder}", "data.num_workers=0"],
              "celeba": [f"data.root={fake_celeba}", "data.num_workers=0"]}.get(option, []) if group == "data" else []
     cfg = compose_cfg("train", base + [f"{group}={option}", "+trainer.fast_dev_run=true"] + extra, tmp_path)
     out = train(cfg)
-    assert out["test"]["model"]["psnr"] > 0
+    # fast_dev_run: one batch of each split, so exactly eval_batch_size (4) test images, all finite
+    test = out["test"]
+    assert test["n_images"] == min(4, 3 if option == "folder" else 2 if option == "celeba" else 4)
+    assert all(math.isfinite(v) for v in test["per_image"]["model"]["psnr"])
 
 
 def test_backward_option_of_another_mode_fails_when_built(tmp_path):

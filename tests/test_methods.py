@@ -39,7 +39,7 @@ def test_every_method_on_every_task_multirun(tmp_path):
     overrides = [o for o in TINY if not o.startswith("method.") and not o.startswith("task.")]
     # shrink each family with the keys it has (++: the sweep first composes the default method)
     families = ((["degrad", "deprox", "lu_dncnn"], ["method.net.depth=3", "method.net.width=8"]),
-                (["luser_sw", "luser_dw"], ["method.solver.max_iter=3", "++method.stages=2"]))
+                (["luser_sw", "luser_dw"], ["solver.max_iter=3", "++method.stages=2"]))
     assert sorted(m for ms, _ in families for m in ms) == METHODS  # a new method must join this test
     jobs = 0
     for methods, extra in families:
@@ -71,15 +71,16 @@ def test_memory_lean_groupnorm_leakyrelu_matches_torch():
 def test_luser_inner_solves_report_backward_stats(tmp_path):
     import torch
 
-    from jfb_ip.solvers import SolverStats
-
     cfg = compose_cfg("train", ["method=luser_dw", "backward=implicit", "method.stages=2", "task.kernel_size=5"],
                       tmp_path)
     method = hydra.utils.instantiate(cfg.method, _convert_="all")
     task = hydra.utils.instantiate(cfg.task)
     x = torch.rand(2, 3, 12, 12)
-    x_hat, stats = method(task.sample(x, seeds=torch.arange(2)))
-    ((x_hat - x) ** 2).mean().backward()
-    merged = SolverStats.merge(stats.parts)
-    assert len(stats.parts) == 2 and merged.backward_iterations is not None
+    rec = method(task.sample(x, seeds=torch.arange(2)))
+    assert rec.stats.backward_iterations is None  # the backward solves have not run yet
+    ((rec.x - x) ** 2).mean().backward()
+    merged = rec.solver_stats()
+    assert len(merged.parts) == 2 and merged.backward_iterations is not None
+    assert all((p.backward_iterations >= 1).all() for p in merged.parts)
+    assert torch.equal(merged.backward_iterations, merged.parts[0].backward_iterations + merged.parts[1].backward_iterations)
     assert all(p.grad is not None for p in method.blocks[0].parameters() if p.requires_grad)

@@ -1,7 +1,10 @@
+import math
+
 import pytest
 import torch
 
-from jfb_ip.physics import Deblur, GaussianBlur, batch_dot
+from jfb_ip.physics import Deblur, GaussianBlur
+from jfb_ip.solvers import batch_dot
 
 SHAPES = [(2, 3, 17, 23), (1, 1, 9, 31), (3, 2, 12, 12)]
 
@@ -33,23 +36,44 @@ def test_blur_is_not_identity_and_preserves_constants():
     assert torch.allclose(op.A(c), c)
 
 
-def test_norm_matches_power_iteration_and_fft():
-    from jfb_ip.physics import LinearOperator
-
-    like = torch.zeros(2, 3, 19, 21, dtype=torch.float64)
-    for op in _ops(2):
-        L_pow = LinearOperator.norm(op, like, n_iter=300)
-        assert torch.allclose(op.norm(like), L_pow, rtol=1e-3)
+def dense(fn, shape) -> torch.Tensor:
+    """The matrix of a linear map on tensors of ``shape`` (batch 1), column j = fn(e_j)."""
+    n = math.prod(shape)
+    eye = torch.eye(n, dtype=torch.float64).reshape(n, *shape[1:])
+    return torch.stack([fn(e[None]).flatten() for e in eye], dim=1)
 
 
-def test_prox_and_tikhonov_solve_their_normal_equations():
+@pytest.mark.parametrize("i", range(4))
+def test_lambda_max_equals_the_dense_matrix_top_singular_value_squared(i):
+    shape = (1, 2, 11, 13)
+    op = list(_ops(1))[i]
+    A = dense(op.A, shape)
+    sigma_max = torch.linalg.matrix_norm(A, ord=2)
+    assert op.lambda_max(shape, torch.float64).item() == pytest.approx(sigma_max.item() ** 2, rel=1e-4)
+
+
+@pytest.mark.parametrize("i", range(4))
+@pytest.mark.parametrize("prior", ["identity", "gradient"])
+def test_prox_and_tikhonov_match_dense_solves(i, prior):
+    from jfb_ip.methods import tikhonov
+    from jfb_ip.physics import Measurement, laplacian
+
+    shape = (1, 2, 11, 13)
+    op = list(_ops(1))[i]
     g = torch.Generator().manual_seed(2)
-    for op in _ops(2):
-        x = torch.randn(2, 3, 15, 13, generator=g, dtype=torch.float64)
-        y, v = op.A(x), torch.randn_like(x)
-        p = op.prox_data(v, 0.2, y)
-        r = op.AtA(p) + 0.2 * p - op.A_adjoint(y) - 0.2 * v
-        assert r.abs().max() < 1e-4 * op.A_adjoint(y).abs().max()
+    y, v = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+    A = dense(op.A, shape)
+    n = A.shape[0]
+    p = op.prox_data(v, 0.2, y, n_iter=500, tol=1e-12)
+    p_ref = torch.linalg.solve(A.T @ A + 0.2 * torch.eye(n, dtype=A.dtype), A.T @ y.flatten() + 0.2 * v.flatten())
+    assert torch.allclose(p.flatten(), p_ref, atol=1e-8)
+    # the closed form (circular) uses circular differences, CG the replicate-border ones
+    border = "circular" if op.padding == "circular" else "replicate"
+    PtP = torch.eye(n, dtype=A.dtype) if prior == "identity" else dense(lambda x: laplacian(x, border), shape)
+    meas = Measurement(y=y, physics=op, sigma=torch.zeros(1), x_shape=torch.Size(shape))
+    x = tikhonov(meas, 0.05, prior, n_iter=2000, tol=1e-12)
+    x_ref = torch.linalg.solve(A.T @ A + 0.05 * PtP, A.T @ y.flatten())
+    assert torch.allclose(x.flatten(), x_ref, atol=1e-7)
 
 
 def test_seeded_measurements_repeat_and_differ_by_seed():

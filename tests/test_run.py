@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, TINY, compose_cfg
 from jfb_ip.data import CelebA, DatasetNotFoundError, ImageFolder
-from jfb_ip.lit.run import ConfigError, evaluate, train
+from jfb_ip.lit.run import CheckpointError, evaluate, train
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,45 @@ def test_resume_from_checkpoint(trained, tmp_path):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     cfg = compose_cfg("evaluate", [f"ckpt_path={tmp_path / 'nope.ckpt'}"], tmp_path)
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         evaluate(cfg)
+
+
+class Payload:
+    """Unpickling this would run code: weights_only loading must refuse it."""
+
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def _bad_checkpoints(good: Path, tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    import torch
+
+    out = {}
+    data = good.read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    out["truncated"] = (tmp_path / "truncated.ckpt", "not a readable jfb-ip checkpoint")
+    (tmp_path / "text.ckpt").write_text("hello")
+    out["text"] = (tmp_path / "text.ckpt", "not a readable jfb-ip checkpoint")
+    torch.save({"state_dict": {}, "evil": Payload()}, tmp_path / "code.ckpt")
+    out["code"] = (tmp_path / "code.ckpt", "not a readable jfb-ip checkpoint")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.ckpt")
+    out["foreign"] = (tmp_path / "foreign.ckpt", "holds no model state_dict")
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["hyper_parameters"]["run_config"]["method"]["net"]["depth"] = 4  # another architecture
+    torch.save(ckpt, tmp_path / "other.ckpt")
+    out["other"] = (tmp_path / "other.ckpt", "does not match the method")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text", "code", "foreign", "other"])
+def test_unusable_checkpoints_give_one_clear_error(trained, tmp_path, kind, capsys):
+    run_dir, _ = trained
+    path, message = _bad_checkpoints(run_dir / "checkpoints" / "last.ckpt", tmp_path)[kind]
+    cfg = compose_cfg("evaluate", [f"ckpt_path={path}", "trainer=fast"], tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        evaluate(cfg)
+    assert "code ran" not in capsys.readouterr().out
 
 
 def test_image_folder_loading(image_folder):

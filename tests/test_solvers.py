@@ -67,7 +67,7 @@ def test_divergence_guard_flags_only_exploding_samples():
 def _tiny_degrad(backward="jfb", dtype=D, gamma=0.9):
     torch.manual_seed(0)
     net = DnCNN(3, depth=3, width=8, spectral_norm=True, gamma=gamma).to(dtype)
-    return DEGRAD(net, solver={"forward": "anderson", "tol": 1e-10, "max_iter": 400},
+    return DEGRAD(net, solver={"name": "anderson", "tol": 1e-10, "max_iter": 400},
                   backward={"mode": backward}, reg_weight=0.5)
 
 
@@ -79,7 +79,8 @@ def _meas(dtype=D):
 def test_jfb_gradient_is_one_differentiable_step_at_the_fixed_point():
     m = _tiny_degrad().eval()  # eval: spectral norm does no power-iteration step per call, so the
     x, meas = _meas()            # reference below sees exactly the weights of the solve
-    x_hat, stats = m(meas)
+    rec = m(meas)
+    x_hat, stats = rec.x, rec.stats
     loss = ((x_hat - x) ** 2).sum()
     g_jfb = torch.autograd.grad(loss, list(m.parameters()))
     # reference: autograd of one T step from the (detached) fixed point
@@ -121,6 +122,7 @@ def test_training_mode_solves_one_fixed_map():
     still see one map, so the returned point is a fixed point of the map used for the output."""
     m = _tiny_degrad().train()
     _, meas = _meas()
-    x_hat, stats = m(meas)
+    rec = m(meas)
+    x_hat, stats = rec.x, rec.stats
     assert (stats.residual < 1e-9).all()
     assert x_hat.requires_grad

@@ -63,8 +63,9 @@ def _max(t):
 
 def _ours(method, meas):
     def forward():
-        x_hat, stats = method(meas)
-        return x_hat, lambda: (_mean(stats.iterations), _mean(stats.backward_iterations), _max(stats.backward_residual))
+        rec = method(meas)
+        stats = rec.stats
+        return rec.x, lambda: (_mean(stats.iterations), _mean(stats.backward_iterations), _max(stats.backward_residual))
     return forward, nullcontext
 
 
@@ -144,7 +145,7 @@ def run(sides, batch, modes=MODES + PEERS, repeats=5, *, depth=17, width=64, tol
     options = {"implicit": {"backward_solver": "anderson", "backward_tol": tol, "backward_max_iter": max_iter},
                "neumann": {"neumann_k": neumann_k}, "unroll": {"unroll_steps": unroll_steps},
                "phantom": {"phantom_k": phantom_k, "phantom_damping": phantom_damping}}
-    solver = {"forward": "anderson", "tol": tol, "max_iter": max_iter}
+    solver = {"name": "anderson", "tol": tol, "max_iter": max_iter}
     task = Deblur(9, 5.0, 0.01)
     torch.manual_seed(seed)
     template = DEGRAD(DnCNN(3, depth=depth, width=width, spectral_norm=True, gamma=0.99),

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # (paper 002: K = 8, 17x64 DnCNN; meant for a GPU).
 CPU_SCALE = {
     "lu_dncnn": ["method.stages=4", "method.net.depth=8", "method.net.width=32"],
-    "luser_sw": ["method.stages=4", "method.solver.max_iter=10", "method.solver.tol=1e-2"],
-    "luser_dw": ["method.stages=4", "method.solver.max_iter=10", "method.solver.tol=1e-2"],
+    "luser_sw": ["method.stages=4", "solver.max_iter=10", "solver.tol=1e-2"],
+    "luser_dw": ["method.stages=4", "solver.max_iter=10", "solver.tol=1e-2"],
 }
 
 # name -> overrides; the rest of the budget is shared (see main)

@@ -23,7 +23,7 @@ What "memory" is:
      optimistic bound (no allocator slack, no CUDA context, no solver buffers).
 
 Sweeps: stages K via ``method.stages=K`` for lu_dncnn and luser_dw (luser_sw at K = 8, the paper's);
-forward iterations N via ``method.solver.max_iter=N method.solver.tol=0`` for degrad (so exactly N
+forward iterations N via ``solver.max_iter=N solver.tol=0`` for degrad (so exactly N
 iterations run; the implicit backward solve then also runs N). The paper's deblurring set-up is
 128x128 RGB; its DEQ4IP regulariser is the 17x64 DnCNN (``--paper-sizes`` sets degrad's net to it).
 """
@@ -66,7 +66,7 @@ def build(name: str, task: str, point: int, channels: int, paper_sizes: bool = F
     cfg_name, backward, kind = METHODS[name]
     ov = [f"method={cfg_name}", f"task={task}", f"data.channels={channels}"]
     ov += [f"backward={backward}"] if backward else []
-    ov += [f"method.stages={point}"] if kind == "stages" else [f"method.solver.max_iter={point}", "method.solver.tol=0"]
+    ov += [f"method.stages={point}"] if kind == "stages" else [f"solver.max_iter={point}", "solver.tol=0"]
     if paper_sizes and cfg_name == "degrad":
         ov += ["method.net.depth=17", "method.net.width=64"]
     cfg = compose("train", overrides=ov)
@@ -93,11 +93,9 @@ def step_memory(method, task, optimizer, batch: int, size: int, channels: int, d
     held = [*method.parameters(), *method.buffers(), x, meas.y]
     # on CUDA no hooks: SavedBytes holds every saved storage until backward ends, which would raise the peak
     with nullcontext() if cuda else SavedBytes(t.untyped_storage().data_ptr() for t in held) as saved:
-        x_hat, stats = method(meas)
-        loss = F.mse_loss(x_hat, x)
-        if method.aux_loss and method.stage_outputs and len(method.stage_outputs) > 1:
-            loss = loss + sum(F.mse_loss(s, x) for s in method.stage_outputs[:-1])
-        loss.backward()
+        rec = method(meas)
+        stats = rec.stats
+        rec.loss(x, F.mse_loss, method.aux_loss).backward()
     opt.step()
     iters = None if stats is None else float(stats.iterations.float().mean())
     if cuda:

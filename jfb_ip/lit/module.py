@@ -1,26 +1,32 @@
-"""The one LightningModule that trains, validates and tests every method."""
+"""The one LightningModule that trains, validates and tests every method: loss, metrics, logs."""
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import time
 from typing import Any, Callable
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from ..methods import Method, Wiener
-from ..methods.classical import default_lambda_grid
+from ..methods import Method, Reconstruction, Wiener
 from ..nets import count_parameters
 from ..physics import Task
 from ..solvers import SolverStats
 
 log = logging.getLogger(__name__)
+
+# a run in which more of the test samples than this stop at max_iter gets a warning
+CAPPED_WARNING_FRACTION = 0.05
+
+
+class TrainingDiverged(RuntimeError):
+    """Every sample of many consecutive batches diverged: training cannot go on."""
 
 
 def image_metrics(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -29,6 +35,10 @@ def image_metrics(x_hat: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     psnr = peak_signal_noise_ratio(x_hat, x, data_range=1.0, dim=(1, 2, 3), reduction="none")
     ssim = structural_similarity_index_measure(x_hat, x, data_range=1.0, reduction="none")
     return psnr, ssim
+
+
+def psnr_score(x_hat: Tensor, x: Tensor) -> Tensor:
+    return image_metrics(x_hat, x)[0]
 
 
 def step_memory_bytes(device: torch.device) -> tuple[str, int]:
@@ -43,44 +53,80 @@ def step_memory_bytes(device: torch.device) -> tuple[str, int]:
         return "memory/max_rss_bytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def solver_block(stats: list[SolverStats]) -> dict[str, Any]:
+    """metrics.json's "solver" block over all test samples: iterations, residuals, diverged count,
+    converged fraction; for staged solves (LUSER) a "stages" list with the same keys per stage."""
+    def block(items: list[SolverStats]) -> dict[str, Any]:
+        cat = lambda name: torch.cat([getattr(s, name).detach().cpu() for s in items])  # noqa: E731
+        it, res, div, conv = cat("iterations").float(), cat("residual").double(), cat("diverged"), cat("converged")
+        finite = res[torch.isfinite(res)]
+        return {"fwd_iters_mean": it.mean().item(), "fwd_iters_max": int(it.max().item()),
+                "fwd_residual_mean": finite.mean().item() if finite.numel() else None,
+                "fwd_residual_max": finite.max().item() if finite.numel() else None,
+                "diverged": int(div.sum().item()), "converged_fraction": conv.float().mean().item(),
+                "n_samples": int(it.numel())}
+
+    out = block(stats)
+    if stats[0].parts:
+        out["stages"] = [block([s.parts[k] for s in stats]) for k in range(len(stats[0].parts))]
+        # per sample-stage, as the converged fraction of a nested solve is meant
+        out["converged_fraction"] = float(sum(b["converged_fraction"] for b in out["stages"]) / len(out["stages"]))
+    return out
+
+
 class ReconstructionModule(L.LightningModule):
-    """Loss, metrics, solver logging and the measurement/Wiener baselines for any method.
+    """Loss, metrics and logging for any method; the Wiener reference row beside it.
 
     Args:
-        method: a :class:`jfb_ip.methods.Method` (``forward(meas) -> (x_hat, stats)``).
+        method: a :class:`jfb_ip.methods.Method` (``forward(meas) -> Reconstruction``).
         task: makes measurements from clean batches on the current device.
         optimizer: partial optimizer (``_partial_: true``), called with the parameters.
         scheduler: optional partial LR scheduler, called with the optimizer.
+        loss: the training loss ``loss(x_hat, x)`` (an ``nn.Module``; MSE by default); with the
+            method's ``aux_loss`` it is also applied to every intermediate stage.
         seed: base seed of the validation/test noise (sample i of split s uses seed + offset_s + i).
-        wiener_prior: 'gradient' or 'identity' for the Wiener baseline; its lambda is tuned on
-            the validation set every validation epoch and saved in the checkpoint.
+        wiener_prior: 'gradient' or 'identity' for the Wiener reference row; its lambda is tuned
+            on the validation set every validation epoch and saved in the checkpoint.
+        image_log_every_n_epochs: how often validation image grids go to the logger.
+        max_skipped_batches: consecutive batches whose every sample diverged before training
+            stops with an error (they take no optimizer step).
         run_config: the resolved run config, stored in the checkpoint.
     """
 
     SPLIT_OFFSET = {"val": 1_000_000, "test": 2_000_000}
 
-    def __init__(self, method: Method, task: Task, optimizer: Callable, scheduler: Callable | None = None,
-                 seed: int = 0, wiener_prior: str = "gradient", image_log_every_n_epochs: int = 1,
+    def __init__(self, method: Method, task: Task, optimizer: Callable | None = None,
+                 scheduler: Callable | None = None, loss: nn.Module | None = None, seed: int = 0,
+                 wiener_prior: str = "gradient", image_log_every_n_epochs: int = 1, max_skipped_batches: int = 20,
                  run_config: dict | None = None):
         super().__init__()
         # run_config (the resolved Hydra config) travels in the checkpoint so evaluate.py can rebuild the model
-        self.save_hyperparameters(ignore=["method", "task", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["method", "task", "optimizer", "scheduler", "loss"])
         self.method, self.task = method, task
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
+        self.loss_fn = loss if loss is not None else nn.MSELoss()
         self.seed = seed
-        self.wiener = Wiener(lam=1e-2, prior=wiener_prior)
-        # set once the Wiener lambda has been tuned on validation data (saved in checkpoints)
-        self.register_buffer("wiener_tuned", torch.tensor(False))
-        self.lambda_grid = list(default_lambda_grid())
+        self.wiener = Wiener(prior=wiener_prior)
         self.val_metrics = MetricCollection({"psnr": PeakSignalNoiseRatio(data_range=1.0, dim=(1, 2, 3)),
                                              "ssim": StructuralSimilarityIndexMeasure(data_range=1.0)}, prefix="val/")
         # one PSNR/SSIM pair per intermediate stage of unrolled methods (the last stage is val/psnr)
-        n_stages = getattr(method, "n_stages", 1)
         self.stage_metrics = nn.ModuleList(
-            [self.val_metrics.clone(prefix=f"val/stage{k + 1}_") for k in range(n_stages - 1)])
+            [self.val_metrics.clone(prefix=f"val/stage{k + 1}_") for k in range(method.n_stages - 1)])
         self.skipped_samples = 0
+        self._skipped_in_a_row = 0
         self.test_results: dict[str, Any] = {}
+        self.test_examples = None
+        self.n_examples = 8  # test images kept for the examples grid (run.py sets grid_images)
         self._step_t0 = 0.0
+        self._train_rec: Reconstruction | None = None
+
+    @property
+    def trainable(self) -> bool:
+        return any(p.requires_grad for p in self.method.parameters())
+
+    def _calibrated(self) -> list[Wiener]:
+        """The modules tuned on validation data: the Wiener row, and the method if it is one too."""
+        return [self.wiener] + ([self.method] if isinstance(self.method, Wiener) else [])
 
     # ------------------------------------------------------------------ measurements
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
@@ -94,13 +140,22 @@ class ReconstructionModule(L.LightningModule):
         seeds = idx.to("cpu") + self.seed + self.SPLIT_OFFSET[split]
         return x, self.task.sample(x, seeds=seeds), idx
 
+    def _log_stats(self, split: str, stats: SolverStats | None, batch_size: int, **kw) -> None:
+        if stats is None:
+            return
+        self.log_dict({f"{split}/{k}": v for k, v in stats.summary("solver/").items()}, batch_size=batch_size, **kw)
+        for k, part in enumerate(stats.parts or []):
+            s = part.summary("")
+            self.log_dict({f"{split}/solver/stage{k + 1}_{n}": s[n] for n in ("fwd_iters_mean", "fwd_residual_max",
+                                                                             "converged_fraction")},
+                          batch_size=batch_size, **kw)
+
     # ------------------------------------------------------------------ training
     def on_fit_start(self) -> None:
         n = count_parameters(self.method)
-        mode = getattr(self.method, "backward_mode", None)
+        mode = self.method.backward_mode
         extra = f", backward mode: {mode}" if mode else ""
         log.info("method %s: %s trainable parameters%s", type(self.method).__name__, f"{n:,}", extra)
-        print(f"[jfb-ip] {type(self.method).__name__}: {n:,} trainable parameters{extra}")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if self.device.type == "cuda":
@@ -109,57 +164,68 @@ class ReconstructionModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int):
         x, meas, _ = batch
-        x_hat, stats = self.method(meas)
-        self._train_stats = stats  # backward stats are filled in during backward; logged at batch end
-        ok = torch.isfinite(x_hat.detach().flatten(1)).all(1)
+        rec = self.method(meas)
+        stats = rec.stats
+        ok = torch.isfinite(rec.x.detach().flatten(1)).all(1)
         if stats is not None:
             ok &= ~stats.diverged
-            self.log_dict({f"train/{k}": v for k, v in stats.summary("solver/").items()}, on_step=True)
+            self._log_stats("train", stats, x.shape[0], on_step=True)
         n_bad = int((~ok).sum())
+        self.skipped_samples += n_bad
+        self.log("train/skipped_samples", float(self.skipped_samples), on_step=True)
+        if n_bad == x.shape[0]:
+            self._skipped_in_a_row += 1
+            log.warning("step %d: every sample diverged; no optimizer step (%d such batches in a row)",
+                        self.global_step, self._skipped_in_a_row)
+            if self._skipped_in_a_row >= self.hparams.max_skipped_batches:
+                raise TrainingDiverged(
+                    f"every sample of {self._skipped_in_a_row} consecutive training batches diverged (non-finite or "
+                    f"beyond solver.bound): lower the learning rate (module.optimizer.lr), or make the fixed-point "
+                    f"map contractive (method.net.gamma < 1 with spectral_norm, a smaller step)")
+            self._train_rec = None
+            return None  # Lightning skips the optimizer step: nothing finite to learn from
+        self._skipped_in_a_row = 0
         if n_bad:
-            self.skipped_samples += n_bad
             log.warning("step %d: skipped %d diverged/non-finite samples (total %d)", self.global_step, n_bad,
                         self.skipped_samples)
-        self.log("train/skipped_samples", float(self.skipped_samples), on_step=True)
-        if not bool(ok.any()):
-            return None  # Lightning skips the optimizer step: nothing finite to learn from
-        loss = F.mse_loss(x_hat[ok], x[ok])
-        stages = self.method.stage_outputs
-        if self.method.aux_loss and stages and len(stages) > 1:
-            loss = loss + sum(F.mse_loss(s[ok], x[ok]) for s in stages[:-1])
-        self.log("train/loss", loss, on_step=True, prog_bar=True)
+            # the bad samples' non-finite activations would turn the shared weight gradient into
+            # NaN (0 * NaN) even when masked out of the loss: redo the step without them
+            x, rec = x[ok], self.method(meas.subset(ok))
+        self._train_rec = rec
+        loss = rec.loss(x, self.loss_fn, self.method.aux_loss)
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=x.shape[0])
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self.log("time/step_s", time.perf_counter() - self._step_t0, on_step=True)
-        stats = getattr(self, "_train_stats", None)
-        if stats is not None and stats.parts:
-            stats = SolverStats.merge(stats.parts)  # per-stage backward stats exist only now
-        if stats is not None and stats.backward_iterations is not None:
+        stats = self._train_rec.solver_stats() if self._train_rec is not None else None
+        if stats is not None and stats.backward_iterations is not None:  # filled in during backward
             self.log("train/solver/bwd_iters_mean", stats.backward_iterations.float().mean(), on_step=True)
             self.log("train/solver/bwd_residual_max", stats.backward_residual.float().max(), on_step=True)
+        self._train_rec = None
         name, nbytes = step_memory_bytes(self.device)
         self.log(name, float(nbytes), on_step=True)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
-        self._lam_psnr = torch.zeros(len(self.lambda_grid), dtype=torch.float64)
+        for m in self._calibrated():
+            m.calibrate_start()
         self._val_images = None
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, meas, _ = batch
-        x_hat, stats = self.method(meas)
-        self.val_metrics.update(x_hat.clamp(0, 1), x)
-        for metrics, out in zip(self.stage_metrics, self.method.stage_outputs or []):
+        rec = self.method(meas)
+        self.val_metrics.update(rec.x.clamp(0, 1), x)
+        for metrics, out in zip(self.stage_metrics, rec.stages):
             metrics.update(out.clamp(0, 1), x)
-        if stats is not None:
-            self.log_dict({f"val/{k}": v for k, v in stats.summary("solver/").items()}, on_epoch=True,
-                          batch_size=x.shape[0])
-        for i, lam in enumerate(self.lambda_grid):  # tune the Wiener baseline on validation data only
-            psnr = image_metrics(meas.tikhonov(lam, self.wiener.prior), x)[0]
-            self._lam_psnr[i] += psnr.sum().double().cpu()
+        self._log_stats("val", rec.stats, x.shape[0], on_epoch=True)
+        for m in self._calibrated():  # tuned on validation data only
+            m.calibrate_update(meas, x, psnr_score)
         if batch_idx == 0:
-            self._val_images = (x[:4], meas.as_image()[:4], x_hat[:4].clamp(0, 1))
+            lipschitz = getattr(self.method, "lipschitz_estimates", None)
+            if lipschitz is not None:  # local Lipschitz constants of the network and the map at real inputs
+                self.log_dict({f"val/solver/{k}": v for k, v in lipschitz(meas).items()}, batch_size=x.shape[0])
+            self._val_images = (x[:4], meas.as_image()[:4], rec.x[:4].clamp(0, 1))
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
@@ -167,8 +233,8 @@ class ReconstructionModule(L.LightningModule):
         for metrics in self.stage_metrics:
             self.log_dict(metrics.compute())
             metrics.reset()
-        self.wiener.lam.fill_(self.lambda_grid[int(self._lam_psnr.argmax())])
-        self.wiener_tuned.fill_(True)
+        for m in self._calibrated():
+            m.calibrate_end()
         self.log("val/wiener_lambda", self.wiener.lam)
         self._log_images("val/examples", self._val_images)
 
@@ -187,22 +253,26 @@ class ReconstructionModule(L.LightningModule):
     # ------------------------------------------------------------------ test
     def on_test_epoch_start(self) -> None:
         self._test = {k: {"psnr": [], "ssim": []} for k in ("measurement", "wiener", "model")}
-        self._test_stats: list[dict[str, float]] = []
+        self._test_stats: list[SolverStats] = []
         self.test_examples = None
         self._test_t = time.perf_counter()
 
     def test_step(self, batch, batch_idx: int) -> None:
         x, meas, _ = batch
-        x_hat, stats = self.method(meas)
-        rows = {"measurement": meas.as_image(), "wiener": self.wiener(meas)[0], "model": x_hat}
+        rec = self.method(meas)
+        rows = {"measurement": meas.as_image(), "wiener": self.wiener(meas).x, "model": rec.x}
         for name, img in rows.items():
             psnr, ssim = image_metrics(img, x)
             self._test[name]["psnr"] += psnr.tolist()
             self._test[name]["ssim"] += ssim.tolist()
-        if stats is not None:
-            self._test_stats.append(stats.summary(""))
-        if batch_idx == 0:
-            self.test_examples = (x[:8].cpu(), meas.as_image()[:8].clamp(0, 1).cpu(), x_hat[:8].clamp(0, 1).cpu())
+        if rec.stats is not None:
+            self._test_stats.append(rec.stats)
+        have = 0 if self.test_examples is None else self.test_examples[0].shape[0]
+        if have < self.n_examples:  # the first n_examples test images, across batches
+            k = self.n_examples - have
+            new = (x[:k].cpu(), meas.as_image()[:k].clamp(0, 1).cpu(), rec.x[:k].clamp(0, 1).cpu())
+            self.test_examples = new if self.test_examples is None else \
+                tuple(torch.cat([a, b]) for a, b in zip(self.test_examples, new))
 
     def on_test_epoch_end(self) -> None:
         res: dict[str, Any] = {}
@@ -211,21 +281,32 @@ class ReconstructionModule(L.LightningModule):
             self.log_dict({f"test/{name}_psnr": res[name]["psnr"], f"test/{name}_ssim": res[name]["ssim"]})
         res["per_image"] = {name: vals for name, vals in self._test.items()}
         res["wiener_lambda"] = float(self.wiener.lam)
-        res["wiener_lambda_tuned_on_val"] = bool(self.wiener_tuned)
+        res["wiener_lambda_tuned_on_val"] = bool(self.wiener.tuned)
         if self._test_stats:
-            keys = self._test_stats[0].keys()
-            res["solver"] = {k: float(sum(s[k] for s in self._test_stats) / len(self._test_stats)) for k in keys}
+            res["solver"] = solver_block(self._test_stats)
+            self._warn_if_capped(res["solver"])
         res["n_images"] = len(self._test["model"]["psnr"])
         res["wall_time_s"] = time.perf_counter() - self._test_t
         self.test_results = res
-        self._log_images("test/examples", self.test_examples)
+
+    def _warn_if_capped(self, block: dict[str, Any]) -> None:
+        capped = 1.0 - block["converged_fraction"]
+        if capped > CAPPED_WARNING_FRACTION and not math.isnan(capped):
+            log.warning("%.0f%% of the test solves stopped at max_iter without reaching tol: the reported x is not an "
+                        "equilibrium there; raise solver.max_iter, loosen solver.tol, or try solver=broyden / "
+                        "solver.m / solver.beta < 1", 100 * capped)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # checkpoints written before the flag existed still load
-        checkpoint["state_dict"].setdefault("wiener_tuned", torch.tensor(False))
+        sd = checkpoint["state_dict"]
+        # checkpoints written before the Wiener row became a method still load
+        if "wiener_tuned" in sd:
+            sd["wiener.tuned"] = sd.pop("wiener_tuned")
+        sd.setdefault("wiener.tuned", torch.tensor(False))
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
+        if self.optimizer_fn is None:
+            raise ValueError("ReconstructionModule: no optimizer configured (module.optimizer)")
         opt = self.optimizer_fn(params=[p for p in self.parameters() if p.requires_grad])
         if self.scheduler_fn is None:
             return opt

@@ -3,24 +3,32 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import pickle
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from ..data import DatasetNotFoundError
-from .module import ReconstructionModule
+from ..data import DatasetNotFoundError as DatasetError  # TEMP until data lands
+from .module import ReconstructionModule, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
     """A config that cannot work; the message says what to change."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (missing, truncated, foreign, of another method)."""
 
 
 def _instantiate_dict(cfg: DictConfig | None) -> list:
@@ -34,7 +42,7 @@ def build_module(cfg: DictConfig, run_config: dict | None = None) -> Reconstruct
     task = hydra.utils.instantiate(cfg.task)
     module_cfg = cfg.get("module")
     module = hydra.utils.instantiate(module_cfg, method=method, task=task) if module_cfg else \
-        ReconstructionModule(method, task, optimizer=None)
+        ReconstructionModule(method, task)
     # set after instantiation: the config holds _target_ keys that instantiate must not build
     module.hparams["run_config"] = run_config
     return module
@@ -42,54 +50,139 @@ def build_module(cfg: DictConfig, run_config: dict | None = None) -> Reconstruct
 
 def format_table(results: dict[str, Any]) -> str:
     rows = [k for k in ("measurement", "wiener", "model") if k in results]
+    fmt = lambda v, spec: "nan" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)  # noqa: E731
     lines = [f"{'test (' + str(results.get('n_images', '?')) + ' images)':<24}{'PSNR [dB]':>10}{'SSIM':>8}"]
-    lines += [f"{r:<24}{results[r]['psnr']:>10.2f}{results[r]['ssim']:>8.4f}" for r in rows]
+    lines += [f"{r:<24}{fmt(results[r]['psnr'], '.2f'):>10}{fmt(results[r]['ssim'], '.4f'):>8}" for r in rows]
     return "\n".join(lines)
 
 
+def json_safe(obj: Any) -> tuple[Any, bool]:
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN/inf), and whether any was."""
+    found = False
+
+    def walk(o):
+        nonlocal found
+        if isinstance(o, float) and not math.isfinite(o):
+            found = True
+            return None
+        if isinstance(o, dict):
+            return {k: walk(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [walk(v) for v in o]
+        return o
+
+    return walk(obj), found
+
+
 def write_metrics(out_dir: Path, payload: dict[str, Any]) -> Path:
+    """``metrics.json``, always valid JSON: non-finite numbers become null and set ``"non_finite": true``."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    safe, found = json_safe(payload)
+    if found:
+        safe["non_finite"] = True
+        log.warning("metrics.json: some values were not finite (written as null)")
     path = out_dir / "metrics.json"
-    path.write_text(json.dumps(payload, indent=2))
+    path.write_text(json.dumps(safe, indent=2, allow_nan=False))
     return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by train.py, unpickled with ``weights_only=True`` (a checkpoint file can
+    never run code), with its plain-data run config. Every way it can be unusable is one CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"ckpt_path={path} does not exist (a run writes <run dir>/checkpoints/last.ckpt)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (zipfile.BadZipFile, EOFError, RuntimeError, pickle.UnpicklingError, OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"ckpt_path={path} is not a readable jfb-ip checkpoint (truncated, corrupt, or holding "
+                              f"objects other than tensors and plain data: {first[:200]}); use a last.ckpt or "
+                              f"best-step*.ckpt written by train.py") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"ckpt_path={path} holds no model state_dict; is it a Lightning checkpoint from train.py?")
+    run_config = (ckpt.get("hyper_parameters") or {}).get("run_config")
+    if not isinstance(run_config, dict) or "method" not in run_config:
+        raise CheckpointError(f"ckpt_path={path} holds no jfb-ip run config; was it written by train.py?")
+    return ckpt
+
+
+def load_weights(module: ReconstructionModule, ckpt: dict[str, Any], path) -> None:
+    """Load the state dict, naming the mismatch instead of printing torch's key lists."""
+    module.on_load_checkpoint(ckpt)
+    name = (ckpt["hyper_parameters"]["run_config"].get("method") or {}).get("_target_", "?")
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise CheckpointError(f"ckpt_path={path} does not match the method it names ({name}): {detail[:300]}; "
+                              f"was the checkpoint edited or written by another version?") from None
 
 
 def _trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
 
+def check_run_config(cfg: DictConfig) -> None:
+    """Config errors that no single group can see, raised before anything runs."""
+    grid = cfg.get("grid_images")
+    if grid is not None and (not isinstance(grid, int) or grid < 1):
+        raise ConfigError(f"grid_images must be an integer >= 1, got {grid!r}")
+
+
+def _examples_png(module: ReconstructionModule, out_dir: Path, n: int) -> Path | None:
+    if module.test_examples is None:
+        return None
+    import torchvision
+
+    x, y, xh = module.test_examples
+    if x.shape[0] < n:
+        log.warning("examples.png shows %d images: the test split has only %d (grid_images=%d)", x.shape[0],
+                    x.shape[0], n)
+    path = out_dir / "examples.png"
+    torchvision.utils.save_image(torch.cat([x, y, xh]).float(), path, nrow=x.shape[0], padding=2)
+    return path
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit, save ``<run dir>/checkpoints/last.ckpt``, test, write ``metrics.json``."""
+    """Fit, save ``<run dir>/checkpoints/last.ckpt``, test, write ``metrics.json`` and ``examples.png``."""
     t0 = time.perf_counter()
+    check_run_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     run_config = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.get("ckpt_path"):
+        load_checkpoint(cfg.ckpt_path)  # readable and safe before Lightning touches it
     datamodule = hydra.utils.instantiate(cfg.data)
+    getattr(datamodule, "validate", lambda s: None)("fit" if cfg.get("train", True) else "test")  # TEMP  # a missing split fails now, not after training
     module = build_module(cfg, run_config)
     trainer = _trainer(cfg, _instantiate_dict(cfg.get("callbacks")), _instantiate_dict(cfg.get("logger")))
     fit_s = 0.0
     last = out_dir / "checkpoints" / "last.ckpt"
-    if cfg.get("train", True):
-        if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; give the checkpoint of the run to resume "
-                              f"(e.g. <run dir>/checkpoints/last.ckpt)")
+    if cfg.get("train", True) and not module.trainable:
+        log.info("%s has nothing to train: tuning on the validation split only", type(module.method).__name__)
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    elif cfg.get("train", True):
         if not cfg.get("ckpt_path") and last.is_file():
             # Lightning resumes a run directory's last.ckpt on its own (fault tolerance); say so
             log.warning("resuming from %s (this run directory already holds it)", last)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         fit_s = time.perf_counter() - t0
         if trainer.interrupted:
             log.warning("training was interrupted; resume with ckpt_path=%s", last)
-        elif not bool(module.wiener_tuned) and not trainer.fast_dev_run:
+        elif not bool(module.wiener.tuned) and not trainer.fast_dev_run:
             # no validation epoch ran (short run): validate once so the Wiener baseline is tuned
             # on validation data, never on the test set
             trainer.validate(module, datamodule=datamodule, verbose=False)
         if not trainer.fast_dev_run:
             trainer.save_checkpoint(last)
-    payload: dict[str, Any] = {"config": {k: v for k, v in run_config.items() if k in ("method", "task", "backward", "data", "seed")}}
+    payload: dict[str, Any] = {"config": {k: v for k, v in run_config.items()
+                                          if k in ("method", "task", "solver", "backward", "data", "seed")}}
     if cfg.get("test", True):
+        module.n_examples = cfg.grid_images
         trainer.test(module, datamodule=datamodule, verbose=False)
         payload["test"] = module.test_results
+        _examples_png(module, out_dir, cfg.grid_images)
         print("\n" + format_table(module.test_results) + "\n")
     payload["train"] = {"wall_time_s": fit_s, "steps": trainer.global_step, "skipped_samples": module.skipped_samples}
     payload["wall_time_s"] = time.perf_counter() - t0
@@ -106,42 +199,49 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Rebuild the model of a checkpoint, test it on the seeded test split, write
     ``metrics.json`` and ``examples.png`` (rows: truth / measurement / reconstruction)."""
+    check_run_config(cfg)
     path = Path(cfg.ckpt_path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={path} does not exist (a run writes <run dir>/checkpoints/last.ckpt)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    train_cfg = (ckpt.get("hyper_parameters") or {}).get("run_config")
-    if not train_cfg:
-        raise ConfigError(f"{path} holds no jfb-ip run config; was it written by train.py?")
-    train_cfg = OmegaConf.create(train_cfg)
+    ckpt = load_checkpoint(path)
+    train_cfg = OmegaConf.create(ckpt["hyper_parameters"]["run_config"])
     L.seed_everything(cfg.seed, workers=True)
     data_cfg = cfg.data if cfg.get("data") else train_cfg.data
     if int(data_cfg.channels) != int(train_cfg.data.channels):
-        log.warning("data.channels=%s overridden by the model's %s channels", data_cfg.channels, train_cfg.data.channels)
-        data_cfg = OmegaConf.merge(data_cfg, {"channels": train_cfg.data.channels})
+        raise ConfigError(f"the checkpoint's model takes data.channels={train_cfg.data.channels} but "
+                          f"data.channels={data_cfg.channels} was given; drop the override or set "
+                          f"data.channels={train_cfg.data.channels}")
     datamodule = hydra.utils.instantiate(data_cfg)
+    getattr(datamodule, "validate", lambda s: None)("test")  # TEMP
     module = build_module(OmegaConf.create({"method": train_cfg.method, "task": train_cfg.task,
                                             "module": train_cfg.get("module")}), ckpt["hyper_parameters"]["run_config"])
-    module.load_state_dict(ckpt["state_dict"])
+    load_weights(module, ckpt, path)
     trainer = _trainer(cfg, [], _instantiate_dict(cfg.get("logger")))
+    module.n_examples = cfg.grid_images
     trainer.test(module, datamodule=datamodule, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
     payload = {"ckpt_path": str(path), "data": OmegaConf.to_container(data_cfg, resolve=True),
                "test": module.test_results}
     write_metrics(out_dir, payload)
-    if module.test_examples is not None:
-        import torchvision
-
-        x, y, xh = (t[: cfg.grid_images] for t in module.test_examples)
-        torchvision.utils.save_image(torch.cat([x, y, xh]).float(), out_dir / "examples.png", nrow=x.shape[0], padding=2)
+    _examples_png(module, out_dir, cfg.grid_images)
     print("\n" + format_table(module.test_results) + "\n")
     return payload
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The innermost exception of a chain (Hydra wraps errors raised while instantiating)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
 
 
 def main_guard(fn, cfg: DictConfig) -> Any:
     """Turn the errors a user can fix into one clear line instead of a traceback."""
     try:
         return fn(cfg)
-    except (ConfigError, DatasetNotFoundError) as e:
+    except (ConfigError, CheckpointError, DatasetError, TrainingDiverged) as e:
         log.error("%s", e)
         raise SystemExit(f"error: {e}") from None
+    except InstantiationException as e:
+        cause = _cause(e)
+        msg = str(cause) if cause is not e else str(e).strip().splitlines()[-1]
+        log.error("%s", msg)
+        raise SystemExit(f"error: {msg}") from None

@@ -1,8 +1,9 @@
-"""What every reconstruction method shares."""
+"""What every reconstruction method shares: its one return type, the equilibrium options, the loss."""
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -13,44 +14,99 @@ from ..solvers import SolverStats, equilibrium
 from ..solvers.equilibrium import check_names
 
 
-class Method(nn.Module):
-    """``forward(meas) -> (x_hat, stats)``.
+@dataclass
+class Reconstruction:
+    """What ``Method.forward(meas)`` returns: one value, nothing read back from the method.
 
-    Methods with stages set ``n_stages`` and fill ``stage_outputs`` (x_1 .. x_K, the last
-    being x_hat) at every forward: the module logs a PSNR per stage and, when ``aux_loss``
-    is on, adds the MSE of every intermediate stage to the loss (paper 002 "Aux loss").
+    x:      the estimate (B, C, H, W).
+    stages: the per-stage estimates x_1 .. x_K of unrolled methods (x_K is ``x``); empty otherwise.
+    stats:  the fixed-point solve's :class:`SolverStats` (LUSER: the K inner solves merged, with
+            ``parts`` per stage); None for methods without a fixed point.
+    """
+
+    x: Tensor
+    stages: list[Tensor] = field(default_factory=list)
+    stats: SolverStats | None = None
+
+    def solver_stats(self) -> SolverStats | None:
+        """The stats including what backward hooks filled in after the forward pass."""
+        return None if self.stats is None else self.stats.refresh()
+
+    def loss(self, x: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor], aux_loss: bool = False,
+             keep: Tensor | None = None) -> Tensor:
+        """loss_fn(x_hat, x) on the samples in ``keep`` (all by default), plus, with ``aux_loss``,
+        loss_fn of every intermediate stage (paper 002, "Aux loss"): the one place this is computed."""
+        sel = (lambda t: t) if keep is None else (lambda t: t[keep])
+        total = loss_fn(sel(self.x), sel(x))
+        if aux_loss and len(self.stages) > 1:
+            total = total + sum(loss_fn(sel(s), sel(x)) for s in self.stages[:-1])
+        return total
+
+
+class Method(nn.Module):
+    """``forward(meas) -> Reconstruction``.
+
+    ``n_stages``: how many per-stage estimates ``Reconstruction.stages`` holds (1: none).
+    ``aux_loss``: add the loss of every intermediate stage (paper 002).
+    ``backward_mode``: the backward mode of its fixed point, or None.
     """
 
     n_stages: int = 1
     aux_loss: bool = False
-    stage_outputs: list[Tensor] | None = None
+    backward_mode: str | None = None
 
-    def forward(self, meas: Measurement) -> tuple[Tensor, SolverStats | None]:  # pragma: no cover
+    def forward(self, meas: Measurement) -> Reconstruction:  # pragma: no cover
         raise NotImplementedError
 
 
 class Equilibrium:
-    """The equilibrium options of a method, callable as ``solve(f, z0) -> (z, stats)``.
+    """The ``solver`` and ``backward`` config groups of a method, callable as ``solve(f, z0)``.
 
     Args:
-        solver: forward solver options: ``forward`` (name), ``tol``, ``max_iter`` and the
-            solver's own keys (Anderson: ``m``, ``lam``, ``beta``; Broyden: ``memory``; all: ``bound``).
-        backward: the ``backward`` config group: ``mode`` plus that mode's options.
+        solver: the forward solver: ``name`` ('anderson', 'broyden', 'fixed_point'), ``tol``,
+            ``max_iter`` and the solver's own keys (Anderson: m, lam, beta; Broyden: memory; all: bound).
+        backward: ``mode`` plus that mode's options (null values take the mode's default).
+    Every key is checked when the method is built, so a typo fails before training starts.
     """
 
     def __init__(self, solver: Mapping[str, Any], backward: Mapping[str, Any]):
         solver, backward = dict(solver), dict(backward)
-        self.forward = solver.pop("forward", "anderson")
+        self.forward = solver.pop("name", "anderson")
+        if self.forward == "none":
+            raise ValueError("this method solves a fixed point: choose a forward solver (solver=anderson, "
+                             "solver=broyden or solver=fixed_point), not solver=none")
+        missing = {"tol", "max_iter"} - set(solver)
+        if missing:
+            raise ValueError(f"solver config lacks {sorted(missing)} (see conf/solver/{self.forward}.yaml)")
+        self.tol, self.max_iter = solver.pop("tol"), solver.pop("max_iter")
         self.mode = backward.pop("mode", "jfb")
-        check_names(self.forward, self.mode, backward)  # fail when the config is built, not at the first step
-        self.backward_tol = backward.pop("backward_tol", None)
-        self.backward_max_iter = backward.pop("backward_max_iter", None)
+        check_names(self.forward, self.mode, backward, solver)  # fail when the config is built
         self.solver_options, self.backward_options = solver, backward
+        # run the options' own checks too (a negative tol, neumann_k=-1, ...) before any training
+        with torch.no_grad():
+            equilibrium(lambda z: 0.5 * z, torch.ones(1, 1), forward=self.forward, backward=self.mode, tol=self.tol,
+                        max_iter=self.max_iter, backward_options=self.backward_options, **self.solver_options)
 
     def __call__(self, f, z0: Tensor) -> tuple[Tensor, SolverStats]:
-        return equilibrium(f, z0, forward=self.forward, backward=self.mode, backward_tol=self.backward_tol,
-                           backward_max_iter=self.backward_max_iter, backward_options=self.backward_options,
-                           **self.solver_options)
+        return equilibrium(f, z0, forward=self.forward, backward=self.mode, tol=self.tol, max_iter=self.max_iter,
+                           backward_options=self.backward_options, **self.solver_options)
+
+
+def refuse_fixed_point_options(method: str, solver: Mapping[str, Any] | None, backward: Mapping[str, Any] | None,
+                               mode: str, why: str) -> None:
+    """For a method without a fixed point: the ``solver`` group must be ``none`` and the ``backward``
+    group ``mode`` with no option set, or the run would silently ignore what the user asked for."""
+    name = dict(solver or {}).get("name", "none")
+    if name != "none":
+        raise ValueError(f"method={method} {why}, so solver={name} cannot apply; drop the solver override")
+    backward = dict(backward or {})
+    chosen = backward.pop("mode", mode)
+    if chosen != mode:
+        raise ValueError(f"method={method} {why}, so backward={chosen} cannot apply; use backward={mode} (its default)")
+    extra = {k: v for k, v in backward.items() if v is not None}
+    if extra:
+        raise ValueError(f"method={method} takes no backward options, got {extra} ({why}); drop the backward.* "
+                         f"override(s)")
 
 
 class FixedPointMethod(Method):
@@ -59,10 +115,7 @@ class FixedPointMethod(Method):
     def __init__(self, solver: Mapping[str, Any], backward: Mapping[str, Any]):
         super().__init__()
         self.solve = Equilibrium(solver, backward)
-
-    @property
-    def backward_mode(self) -> str:
-        return self.solve.mode
+        self.backward_mode = self.solve.mode
 
 
 @contextmanager
@@ -82,9 +135,3 @@ def fixed_weights(module: nn.Module):
                     for name in m.parametrizations:
                         getattr(m, name)
         yield
-
-
-def per_sample(v: Tensor | float, like: Tensor) -> Tensor:
-    """A scalar or (B,) value shaped to broadcast over ``like`` (B, C, H, W)."""
-    v = torch.as_tensor(v, dtype=like.dtype, device=like.device)
-    return v.reshape(-1, *([1] * (like.dim() - 1))) if v.dim() else v

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from ..physics import Measurement
-from ..solvers import SolverStats
-from .base import FixedPointMethod, fixed_weights, per_sample
+from ..solvers import per_sample
+from .base import FixedPointMethod, Reconstruction, fixed_weights
 
 
 class DEGRAD(FixedPointMethod):
@@ -49,7 +49,7 @@ class DEGRAD(FixedPointMethod):
     def step_size(self, meas: Measurement, like: Tensor) -> Tensor:
         if self.eta is not None:
             return per_sample(self.eta, like)
-        return per_sample(1.0 / (meas.norm() + 1.0), like)
+        return per_sample(1.0 / (meas.lambda_max() + 1.0), like)
 
     def regularizer(self, x: Tensor) -> Tensor:
         """S(x) = lam (x - N(x))."""
@@ -59,8 +59,9 @@ class DEGRAD(FixedPointMethod):
         """One DE-GRAD step, eq. (3.6) of paper 000."""
         return x - eta * (meas.grad(x) + self.regularizer(x))
 
-    def forward(self, meas: Measurement) -> tuple[Tensor, SolverStats]:
+    def forward(self, meas: Measurement) -> Reconstruction:
         z0 = meas.init()
         eta = self.step_size(meas, z0)
         with fixed_weights(self):
-            return self.solve(lambda x: self.T(x, meas, eta), z0)
+            x, stats = self.solve(lambda x: self.T(x, meas, eta), z0)
+        return Reconstruction(x, stats=stats)

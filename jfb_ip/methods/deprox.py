@@ -6,8 +6,8 @@ from typing import Any, Mapping
 from torch import Tensor, nn
 
 from ..physics import Measurement
-from ..solvers import SolverStats
-from .base import FixedPointMethod, fixed_weights, per_sample
+from ..solvers import per_sample
+from .base import FixedPointMethod, Reconstruction, fixed_weights
 
 
 class DEProx(FixedPointMethod):
@@ -31,8 +31,9 @@ class DEProx(FixedPointMethod):
     def T(self, x: Tensor, meas: Measurement, eta: Tensor) -> Tensor:
         return self.net(x - eta * meas.grad(x))
 
-    def forward(self, meas: Measurement) -> tuple[Tensor, SolverStats]:
+    def forward(self, meas: Measurement) -> Reconstruction:
         z0 = meas.init()
-        eta = per_sample(self.eta if self.eta is not None else 1.0 / meas.norm(), z0)
+        eta = per_sample(self.eta if self.eta is not None else 1.0 / meas.lambda_max(), z0)
         with fixed_weights(self):
-            return self.solve(lambda x: self.T(x, meas, eta), z0)
+            x, stats = self.solve(lambda x: self.T(x, meas, eta), z0)
+        return Reconstruction(x, stats=stats)

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from ..physics import Measurement
-from ..solvers import SolverStats
-from .base import Equilibrium, Method, fixed_weights, per_sample
+from ..solvers import SolverStats, per_sample
+from .base import Equilibrium, Method, Reconstruction, fixed_weights, refuse_fixed_point_options
 
 
 class UnrolledMethod(Method):
@@ -29,9 +29,9 @@ class UnrolledMethod(Method):
     def prox(self, k: int, d: Tensor) -> tuple[Tensor, SolverStats | None]:  # pragma: no cover
         raise NotImplementedError
 
-    def forward(self, meas: Measurement) -> tuple[Tensor, SolverStats | None]:
+    def forward(self, meas: Measurement) -> Reconstruction:
         x = meas.init()
-        lam = self.step_size / per_sample(meas.norm(), x)
+        lam = self.step_size / per_sample(meas.lambda_max(), x)
         outputs, stats = [], []
         # spectral-norm weights evaluated once per forward: every stage of LUSER-SW sees the
         # same block, and backward keeps one copy of its weights, not K
@@ -42,20 +42,19 @@ class UnrolledMethod(Method):
                 outputs.append(x)
                 if st is not None:
                     stats.append(st)
-        self.stage_outputs = outputs
-        return x, (SolverStats.merge(stats) if stats else None)
+        return Reconstruction(x, stages=outputs, stats=SolverStats.merge(stats) if stats else None)
 
 
 class LUDnCNN(UnrolledMethod):
     """LU-DnCNN (paper 002 §4.1): one DnCNN shared by all K stages, full backprop."""
 
     def __init__(self, net: nn.Module, stages: int = 8, step_size: float = 1.0, learn_step_size: bool = True,
-                 aux_loss: bool = False, backward: Mapping[str, Any] | None = None):
+                 aux_loss: bool = False, backward: Mapping[str, Any] | None = None,
+                 solver: Mapping[str, Any] | None = None):
         super().__init__(stages, step_size, learn_step_size, aux_loss)
-        mode = dict(backward or {}).get("mode", "unroll")
-        if mode != "unroll":
-            raise ValueError(f"method=lu_dncnn has no fixed point, so backward={mode} cannot apply: it always "
-                             f"backpropagates through its {stages} stages; use backward=unroll (its default)")
+        refuse_fixed_point_options("lu_dncnn", solver, backward, "unroll",
+                                   f"has no fixed point: it backpropagates through its method.stages={stages} stages")
+        self.backward_mode = "unroll"
         self.net = net
 
     def prox(self, k: int, d: Tensor):
@@ -77,11 +76,8 @@ class LUSER(UnrolledMethod):
                  learn_step_size: bool = True, aux_loss: bool = False):
         super().__init__(stages, step_size, learn_step_size, aux_loss)
         self.solve = Equilibrium(solver, backward)
+        self.backward_mode = self.solve.mode
         self.blocks = nn.ModuleList([block() for _ in range(1 if shared_weights else stages)])
-
-    @property
-    def backward_mode(self) -> str:
-        return self.solve.mode
 
     def prox(self, k: int, d: Tensor):
         block = self.blocks[k % len(self.blocks)]

@@ -1,21 +1,14 @@
 """Gaussian blur as a linear operator (the deblurring task of papers 000, 002, 004)."""
 from __future__ import annotations
 
-import math
-
 import torch
 from kornia.filters import filter2d, get_gaussian_kernel2d
 from torch import Tensor
 
-from .operator import LinearOperator, _bcast
+from ..solvers.linear import per_sample
+from .operator import LinearOperator
 
 _PADDING = {"circular": "circular", "zeros": "constant"}
-
-
-def laplacian(x: Tensor, border: str) -> Tensor:
-    """D^T D x for forward differences D with the given boundary (symmetric PSD)."""
-    k = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]], dtype=x.dtype, device=x.device)
-    return filter2d(x, k[None], border_type=border)
 
 
 class GaussianBlur(LinearOperator):
@@ -54,9 +47,9 @@ class GaussianBlur(LinearOperator):
         kh, kw = self.kernel.shape[-2:]
         if x.dim() != 4:
             raise ValueError(f"GaussianBlur expects images (B, C, H, W), got shape {tuple(x.shape)}")
-        if self.padding == "circular" and (x.shape[-2] <= kh // 2 or x.shape[-1] <= kw // 2):
-            raise ValueError(f"GaussianBlur: image {tuple(x.shape[-2:])} is smaller than half the kernel "
-                             f"{(kh, kw)}; use larger images (data.image_size) or a smaller kernel")
+        if x.shape[-2] < kh or x.shape[-1] < kw:
+            raise ValueError(f"GaussianBlur: image {tuple(x.shape[-2:])} is smaller than the kernel {(kh, kw)}; "
+                             f"use larger images (data.image_size) or a smaller kernel (task.kernel_size)")
         if self.kernel.shape[0] not in (1, x.shape[0]):
             raise ValueError(f"GaussianBlur holds {self.kernel.shape[0]} kernels for a batch of {x.shape[0]}")
 
@@ -73,13 +66,12 @@ class GaussianBlur(LinearOperator):
         return y
 
     # --- closed forms for circular padding -------------------------------------------------
-    def norm(self, like: Tensor, n_iter: int = 50) -> Tensor:
+    def _power_iteration(self, shape, dtype, device, n_iter: int) -> Tensor:
         """lambda_max(A^T A) = max_w |K(w)|^2 exactly for circular padding; power iteration otherwise."""
-        self._check(like)
         if self.padding != "circular":
-            return super().norm(like, n_iter)
-        K = self.transfer_function(like.shape[-2:], like.dtype, like.device)
-        return (K.abs() ** 2).flatten(1).amax(1).expand(like.shape[0])
+            return super()._power_iteration(shape, dtype, device, n_iter)
+        K = self.transfer_function(shape[-2:], dtype, device)
+        return (K.abs() ** 2).flatten(1).amax(1).expand(shape[0]).clone()
 
     def transfer_function(self, shape: tuple[int, int], dtype, device) -> Tensor:
         """FFT of the kernel embedded in an H x W grid with its centre at the origin -> (B|1, 1, H, W//2+1)."""
@@ -90,6 +82,10 @@ class GaussianBlur(LinearOperator):
         k = torch.roll(k, shifts=(-(kh // 2), -(kw // 2)), dims=(-2, -1))
         return torch.fft.rfft2(k)[:, None]
 
+    def fourier_multiplier(self, shape: tuple[int, int], dtype, device) -> Tensor | None:
+        """A is diagonal in the 2D Fourier basis with this rfft2-shaped multiplier (circular padding only)."""
+        return self.transfer_function(shape, dtype, device) if self.padding == "circular" else None
+
     def _fft_solve(self, rhs_hat_fn, denom_extra: Tensor, y_like: Tensor) -> Tensor:
         K = self.transfer_function(y_like.shape[-2:], y_like.dtype, y_like.device)
         num = rhs_hat_fn(K)
@@ -98,22 +94,5 @@ class GaussianBlur(LinearOperator):
     def prox_data(self, v: Tensor, rho, y: Tensor, n_iter: int = 100, tol: float = 1e-6) -> Tensor:
         if self.padding != "circular":
             return super().prox_data(v, rho, y, n_iter, tol)
-        rho_b = _bcast(rho, v)
+        rho_b = per_sample(rho, v)
         return self._fft_solve(lambda K: K.conj() * torch.fft.rfft2(y) + rho_b * torch.fft.rfft2(v), rho_b, y)
-
-    def tikhonov(self, y: Tensor, lam, prior: str = "gradient", n_iter: int = 200, tol: float = 1e-6) -> Tensor:
-        """argmin ||Ax - y||^2 + lam ||Px||^2 with P = I ('identity') or finite differences ('gradient').
-
-        With the gradient prior this is the Wiener filter for a 1/|w|^2 image spectrum.
-        """
-        if self.padding != "circular":
-            return super().tikhonov(y, lam, prior, n_iter, tol)
-        lam_b = _bcast(lam, y)
-        H, W = y.shape[-2:]
-        if prior == "identity":
-            P2 = torch.ones(1, dtype=y.dtype, device=y.device)
-        else:
-            wy = 2 * math.pi * torch.fft.fftfreq(H, dtype=y.dtype, device=y.device)[:, None]
-            wx = 2 * math.pi * torch.fft.rfftfreq(W, dtype=y.dtype, device=y.device)[None, :]
-            P2 = (4 - 2 * torch.cos(wy) - 2 * torch.cos(wx))
-        return self._fft_solve(lambda K: K.conj() * torch.fft.rfft2(y), lam_b * P2, y)

@@ -1,6 +1,7 @@
 """A measurement y = A x + n together with its operator and noise level."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -14,8 +15,8 @@ class Measurement:
     """What a method sees: ``y``, the operator that made it and the noise std per sample.
 
     Methods only call :meth:`grad`, :meth:`init`, :meth:`prox_data`, :meth:`A`,
-    :meth:`A_adjoint` and :meth:`norm`, so a mixed multi-task batch can later be a list of
-    sub-batch measurements behind the same methods.
+    :meth:`A_adjoint` and :meth:`lambda_max`, so a mixed multi-task batch can later be a list
+    of sub-batch measurements behind the same methods.
     """
 
     y: Tensor
@@ -36,15 +37,25 @@ class Measurement:
     def init(self) -> Tensor:
         return self.physics.init(self.y)
 
-    def norm(self) -> Tensor:
-        """L = lambda_max(A^T A) per sample, shape (B,)."""
-        return self.physics.norm(torch.empty(self.x_shape, dtype=self.y.dtype, device=self.y.device))
+    def lambda_max(self) -> Tensor:
+        """L = lambda_max(A^T A) = ||A||^2 per sample, shape (B,)."""
+        return self.physics.lambda_max(self.x_shape, self.y.dtype, self.y.device)
 
     def prox_data(self, v: Tensor, rho) -> Tensor:
         return self.physics.prox_data(v, rho, self.y)
 
-    def tikhonov(self, lam, prior: str = "gradient") -> Tensor:
-        return self.physics.tikhonov(self.y, lam, prior)
+    def subset(self, keep: Tensor) -> "Measurement":
+        """The measurement of the samples where the boolean mask ``keep`` (B,) is True: per-sample
+        operator parameters (tensors whose first dimension is the batch) are indexed, shared ones kept."""
+        B = self.batch_size
+        physics = copy.copy(self.physics)
+        physics.__dict__.pop("_lambda_max_cache", None)
+        for k, v in list(vars(physics).items()):
+            if torch.is_tensor(v) and v.dim() and v.shape[0] == B and B > 1:
+                setattr(physics, k, v[keep])
+        n = int(keep.sum())
+        return Measurement(y=self.y[keep], physics=physics, sigma=self.sigma[keep],
+                           x_shape=torch.Size((n, *self.x_shape[1:])))
 
     def as_image(self) -> Tensor:
         """The measurement shown/scored as an image: y itself when it has the image's shape."""

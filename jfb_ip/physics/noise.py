@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..solvers.linear import per_sample
+
 
 def randn_like(x: Tensor, generator: torch.Generator | None = None, seeds: Tensor | None = None) -> Tensor:
     """Standard normal noise shaped like ``x``; with ``seeds`` (B,) sample i uses its own seed."""
@@ -19,4 +21,4 @@ def randn_like(x: Tensor, generator: torch.Generator | None = None, seeds: Tenso
 
 def gaussian_noise(y: Tensor, sigma: Tensor, generator=None, seeds=None) -> Tensor:
     """y + sigma * n, with sigma per sample (B,)."""
-    return y + sigma.to(y.dtype).reshape(-1, *([1] * (y.dim() - 1))) * randn_like(y, generator, seeds)
+    return y + per_sample(sigma, y) * randn_like(y, generator, seeds)

@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .forward import FORWARD_SOLVERS, relative_residual
-from .linear import conjugate_gradient
+from .forward import FORWARD_SOLVERS, check_budget
+from .linear import conjugate_gradient, per_sample, relative_residual
 from .stats import SolverStats
 
 BACKWARD_MODES: dict[str, Callable] = {}
@@ -22,6 +22,11 @@ BACKWARD_MODES: dict[str, Callable] = {}
 def mode_options(mode: str) -> set[str]:
     """The option names a backward mode accepts (its keyword arguments after f, z0, solve)."""
     return set(list(inspect.signature(BACKWARD_MODES[mode]).parameters)[3:])
+
+
+def _integer(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"backward option {name} must be an integer >= {low}, got {value!r}")
 
 
 def register_backward(name: str):
@@ -50,8 +55,8 @@ def _vjp_fn(fz: Tensor, z: Tensor):
 
 
 @register_backward("implicit")
-def implicit(f, z0, solve, backward_solver: str = "anderson", backward_tol: float = 1e-4,
-             backward_max_iter: int = 100, backward_solver_options: dict | None = None) -> tuple[Tensor, SolverStats]:
+def implicit(f, z0, solve, *, backward_tol: float, backward_max_iter: int, backward_solver: str = "anderson",
+             backward_solver_options: dict | None = None) -> tuple[Tensor, SolverStats]:
     """Exact gradient by the implicit function theorem (eq. 3.9-3.10 of paper 000).
 
     The incoming gradient g is replaced by u solving u = g + J^T u, J = df/dz at z*,
@@ -59,9 +64,14 @@ def implicit(f, z0, solve, backward_solver: str = "anderson", backward_tol: floa
     ``backward_solver`` is a forward-solver name (the linear fixed point is solved like any
     other) or 'cg' for conjugate gradient on the normal equations (paper 000 §5.3).
     ``backward_solver_options`` (e.g. Anderson's m, lam) default to the forward solver's
-    when both use the same solver. The hook fires once: a second backward through the same
-    output (retain_graph) gets the plain JFB gradient.
+    when both use the same solver; ``backward_tol``/``backward_max_iter`` have no default here:
+    :func:`equilibrium` passes the forward solver's unless they are set. The hook fires once: a
+    second backward through the same output (retain_graph) gets the plain JFB gradient.
     """
+    check_budget("implicit backward solve", backward_tol, backward_max_iter)
+    if backward_solver != "cg" and backward_solver not in FORWARD_SOLVERS:
+        raise ValueError(f"implicit: unknown backward_solver {backward_solver!r}; choose from "
+                         f"{sorted(FORWARD_SOLVERS) + ['cg']}")
     z_star, stats = _solve_no_grad(f, z0, solve)
     if not torch.is_grad_enabled():
         return f(z_star), stats
@@ -70,9 +80,6 @@ def implicit(f, z0, solve, backward_solver: str = "anderson", backward_tol: floa
     if not fz.requires_grad:
         return fz, stats
     opts = dict(backward_solver_options or {})
-    if backward_solver != "cg" and backward_solver not in FORWARD_SOLVERS:
-        raise ValueError(f"implicit: unknown backward_solver {backward_solver!r}; choose from "
-                         f"{sorted(FORWARD_SOLVERS) + ['cg']}")
 
     def hook(g: Tensor) -> Tensor:
         handle.remove()  # the vjp calls below must not re-enter this hook
@@ -108,16 +115,18 @@ def _cg_normal(vjp, fz, z_star, g, tol, max_iter):
     b = g - jvp(g)
     u, iters = conjugate_gradient(apply, b, g.clone(), max_iter, tol, return_iterations=True)
     # reported like every other backward solve: the residual of u = g + J^T u itself
-    res = (u - vjp(u) - g).flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1).clamp_min(1e-30)
-    return u, SolverStats(iters, res, ~torch.isfinite(res))
+    res = relative_residual(g + vjp(u), u)
+    bad = ~torch.isfinite(res)
+    return u, SolverStats(iters, res, bad, (res <= tol) & ~bad)
 
 
 @register_backward("neumann")
 def neumann(f, z0, solve, neumann_k: int = 5) -> tuple[Tensor, SolverStats]:
     """Truncated Neumann series (eq. 4.2 of paper 000): u = sum_{i=0}^{k} (J^T)^i g.
     k = 0 is JFB; k -> infinity is the implicit gradient."""
+    _integer("neumann_k", neumann_k, 0)
     z_star, stats = _solve_no_grad(f, z0, solve)
-    if not torch.is_grad_enabled() or neumann_k <= 0:
+    if not torch.is_grad_enabled() or neumann_k == 0:
         return f(z_star), stats
     z_star = z_star.requires_grad_()
     fz = f(z_star)
@@ -132,7 +141,7 @@ def neumann(f, z0, solve, neumann_k: int = 5) -> tuple[Tensor, SolverStats]:
                 u = u + term
         stats.backward_iterations = torch.full((g.shape[0],), neumann_k, dtype=torch.long, device=g.device)
         # u_k - u_{k-1} = (J^T)^k g: the relative residual of u_{k-1}, with no extra vjp
-        stats.backward_residual = (term.flatten(1).norm(dim=1) / u.flatten(1).norm(dim=1).clamp_min(1e-30)).detach()
+        stats.backward_residual = relative_residual(u, u - term).detach()
         return u.detach()
 
     handle = fz.register_hook(hook)
@@ -142,25 +151,34 @@ def neumann(f, z0, solve, neumann_k: int = 5) -> tuple[Tensor, SolverStats]:
 @register_backward("unroll")
 def unroll(f, z0, solve, unroll_steps: int = 20) -> tuple[Tensor, SolverStats]:
     """Backpropagate through ``unroll_steps`` plain iterations from z0, graph kept (the
-    memory-hungry reference: memory grows linearly with the number of steps)."""
-    z = z0
-    for _ in range(unroll_steps - 1):
-        z = f(z)
-    fz = f(z)
+    memory-hungry reference: memory grows linearly with the number of steps). The forward
+    solver is not used; the reported residual is that of the last iterate, and the sample
+    counts as converged if it is below the solver's ``tol``. A sample that turns non-finite
+    is frozen at its last finite iterate, so its NaN never reaches the other samples' gradient."""
+    _integer("unroll_steps", unroll_steps, 1)
+    bad = torch.zeros(z0.shape[0], dtype=torch.bool, device=z0.device)
+    z = fz = z0
+    for _ in range(unroll_steps):
+        z, fz = fz, f(fz)
+        bad = bad | ~torch.isfinite(fz.detach().flatten(1)).all(1)
+        fz = torch.where(per_sample(bad, fz), z.detach(), fz)
     res = relative_residual(fz.detach(), z.detach())
     iters = torch.full((z0.shape[0],), unroll_steps, dtype=torch.long, device=z0.device)
-    bad = ~torch.isfinite(fz.detach().flatten(1)).all(1)
-    return fz, SolverStats(iters, res, bad)
+    tol = solve.keywords["tol"]  # solve is equilibrium()'s partial of the forward solver
+    return fz, SolverStats(iters, res, bad, (res <= tol) & ~bad)
 
 
 @register_backward("phantom")
 def phantom(f, z0, solve, phantom_k: int = 5, phantom_damping: float = 0.5) -> tuple[Tensor, SolverStats]:
     """Phantom gradient (Geng et al. 2021): k damped differentiable steps
     z <- (1 - d) z + d f(z) started at the no-grad fixed point z*."""
+    _integer("phantom_k", phantom_k, 1)
+    if not 0 < phantom_damping <= 1:
+        raise ValueError(f"backward option phantom_damping must lie in (0, 1], got {phantom_damping!r}")
     z_star, stats = _solve_no_grad(f, z0, solve)
     if not torch.is_grad_enabled():
         return f(z_star), stats
     z = z_star
-    for _ in range(max(phantom_k, 1)):
+    for _ in range(phantom_k):
         z = (1 - phantom_damping) * z + phantom_damping * f(z)
     return z, stats

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .linear import per_sample, relative_residual
 from .stats import SolverStats
 
 FORWARD_SOLVERS: dict[str, Callable] = {}
@@ -22,10 +23,13 @@ def register_forward(name: str):
     return deco
 
 
-def relative_residual(fz: Tensor, z: Tensor) -> Tensor:
-    """||f(z) - z|| / ||f(z)|| per sample (the stopping criterion of every solver)."""
-    fz, z = fz.flatten(1), z.flatten(1)
-    return (fz - z).norm(dim=1) / (fz.norm(dim=1) + 1e-12)
+def check_budget(name: str, tol: float, max_iter: int) -> None:
+    """A tolerance below zero or a cap below one iteration would silently return the
+    initial guess (or run every sample to the cap): refuse them."""
+    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+        raise ValueError(f"{name}: max_iter must be an integer >= 1, got {max_iter!r}")
+    if not tol >= 0:  # also catches NaN
+        raise ValueError(f"{name}: tol must be >= 0 (a relative residual), got {tol!r}")
 
 
 class _Tracker:
@@ -68,13 +72,15 @@ class _Tracker:
     def stats(self) -> SolverStats:
         res = torch.where(torch.isfinite(self.best_res), self.best_res, torch.full_like(self.best_res, float("nan")))
         trace = torch.stack(self.trace).tolist() if self.trace else []
-        return SolverStats(self.iters, res, self.diverged.clone(), trace)
+        # converged = met tol; a sample that ran to max_iter is reported as capped, never as an equilibrium
+        return SolverStats(self.iters, res, self.diverged.clone(), self.done & ~self.diverged, trace)
 
 
 @register_forward("fixed_point")
-def fixed_point(f: Callable[[Tensor], Tensor], z0: Tensor, tol: float = 1e-4, max_iter: int = 100,
-                bound: float = 1e10, **_) -> tuple[Tensor, SolverStats]:
+def fixed_point(f: Callable[[Tensor], Tensor], z0: Tensor, tol: float = 1e-3, max_iter: int = 50,
+                bound: float = 1e10) -> tuple[Tensor, SolverStats]:
     """Plain iteration z_{k+1} = f(z_k); a sample stops changing once it meets tol."""
+    check_budget("fixed_point", tol, max_iter)
     tr = _Tracker(z0, tol, max_iter, bound)
     z = z0
     for k in range(1, max_iter + 1):
@@ -82,22 +88,27 @@ def fixed_point(f: Callable[[Tensor], Tensor], z0: Tensor, tol: float = 1e-4, ma
         bad = tr.update(k, z, fz)
         if tr.finished:
             break
-        keep = (tr.done | bad | tr.diverged).view(-1, *([1] * (z.dim() - 1)))
+        keep = per_sample(tr.done | bad | tr.diverged, z)
         z = torch.where(keep, tr.best, fz)
     return tr.best, tr.stats()
 
 
 @register_forward("anderson")
-def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, tol: float = 1e-4, max_iter: int = 100, m: int = 5,
-             lam: float = 1e-4, beta: float = 1.0, bound: float = 1e10, **_) -> tuple[Tensor, SolverStats]:
+def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, tol: float = 1e-3, max_iter: int = 50, m: int = 5,
+             lam: float = 1e-4, beta: float = 1.0, bound: float = 1e10) -> tuple[Tensor, SolverStats]:
     """Anderson acceleration, Alg. 3.1 of paper 000 (Walker & Ni 2011), batched.
 
     With g(x) = f(x) - x and the last m_k = min(m, k) iterates, alpha solves
     min ||G_k alpha||^2 s.t. sum(alpha) = 1 (regularised by ``lam``), and
     x^{k+1} = beta * sum_i alpha_i f(x^i) + (1 - beta) * sum_i alpha_i x^i.
     """
-    if m < 1:
-        raise ValueError(f"anderson: memory m must be >= 1, got {m}")
+    check_budget("anderson", tol, max_iter)
+    if not isinstance(m, int) or m < 1:
+        raise ValueError(f"anderson: memory m must be an integer >= 1, got {m!r}")
+    if not lam >= 0:
+        raise ValueError(f"anderson: regularisation lam must be >= 0, got {lam!r}")
+    if not 0 < beta <= 1:
+        raise ValueError(f"anderson: damping beta must lie in (0, 1], got {beta!r}")
     shape, B = z0.shape, z0.shape[0]
     n = z0[0].numel()
     X = torch.zeros(B, m, n, dtype=z0.dtype, device=z0.device)
@@ -116,8 +127,8 @@ def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, tol: float = 1e-4, max_i
         if tr.finished:
             break
         if bad.any():  # a diverged sample restarts from its best iterate so it cannot poison the batch
-            z = torch.where(bad.view(-1, *([1] * (z.dim() - 1))), tr.best, z)
-            fz = torch.where(bad.view(-1, *([1] * (z.dim() - 1))), tr.best, fz)
+            z = torch.where(per_sample(bad, z), tr.best, z)
+            fz = torch.where(per_sample(bad, z), tr.best, fz)
         slot = (k - 1) % m
         X[:, slot] = z.reshape(B, n)
         F[:, slot] = fz.reshape(B, n)
@@ -130,19 +141,21 @@ def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, tol: float = 1e-4, max_i
         alpha = torch.linalg.solve(H[:, :mk + 1, :mk + 1], rhs[:, :mk + 1])[:, 1:mk + 1, 0]
         z_new = beta * torch.bmm(alpha[:, None], F[:, :mk])[:, 0] + (1 - beta) * torch.bmm(alpha[:, None], X[:, :mk])[:, 0]
         z_new = z_new.reshape(shape)
-        keep = (tr.done | tr.diverged).view(-1, *([1] * (z.dim() - 1)))
-        z = torch.where(keep, tr.best, z_new)
+        z = torch.where(per_sample(tr.done | tr.diverged, z), tr.best, z_new)
     return tr.best, tr.stats()
 
 
 @register_forward("broyden")
-def broyden(f: Callable[[Tensor], Tensor], z0: Tensor, tol: float = 1e-4, max_iter: int = 100, memory: int = 30,
-            bound: float = 1e10, **_) -> tuple[Tensor, SolverStats]:
+def broyden(f: Callable[[Tensor], Tensor], z0: Tensor, tol: float = 1e-3, max_iter: int = 50, memory: int = 30,
+            bound: float = 1e10) -> tuple[Tensor, SolverStats]:
     """Good Broyden's method on g(z) = f(z) - z (as in Bai et al. 2019's DEQ), batched.
 
     The inverse Jacobian of g is approximated by -I + U V^T with rank-one updates
     u = (dz - H dg) / (v^T dg), v^T = dz^T H; after ``memory`` updates it restarts from -I.
     """
+    check_budget("broyden", tol, max_iter)
+    if not isinstance(memory, int) or memory < 1:
+        raise ValueError(f"broyden: memory must be an integer >= 1, got {memory!r}")
     shape, B = z0.shape, z0.shape[0]
     z = z0.reshape(B, -1)
     n = z.shape[1]

@@ -1,4 +1,5 @@
-"""Batched linear algebra on tensors with a batch dimension (shared by physics and backward modes)."""
+"""Batched linear algebra on tensors with a batch dimension: the bottom layer that physics,
+solvers and methods share (one broadcast helper, one relative-residual definition, CG)."""
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,18 @@ def batch_norm2(a: Tensor) -> Tensor:
     return a.flatten(1).norm(dim=1)
 
 
-def _col(v: Tensor, like: Tensor) -> Tensor:
-    return v.reshape(-1, *([1] * (like.dim() - 1)))
+def per_sample(v: Tensor | float, like: Tensor) -> Tensor:
+    """A scalar or a per-sample (B,) value shaped to broadcast against ``like`` (B, ...),
+    in ``like``'s dtype and device (a boolean mask stays boolean). A 0-d value stays 0-d."""
+    if not (torch.is_tensor(v) and v.dtype == torch.bool):
+        v = torch.as_tensor(v, dtype=like.dtype, device=like.device)
+    return v.reshape(-1, *([1] * (like.dim() - 1))) if v.dim() else v
+
+
+def relative_residual(fz: Tensor, z: Tensor) -> Tensor:
+    """||f(z) - z|| / ||f(z)|| per sample: the stopping criterion of every forward and backward
+    solve, and what ``SolverStats.residual`` reports."""
+    return batch_norm2(fz - z) / batch_norm2(fz).clamp_min(1e-12)
 
 
 def conjugate_gradient(apply, b: Tensor, x0: Tensor, n_iter: int = 100, tol: float = 1e-6,
@@ -37,10 +48,10 @@ def conjugate_gradient(apply, b: Tensor, x0: Tensor, n_iter: int = 100, tol: flo
         iters += active.long()
         Ap = apply(p)
         alpha = torch.where(active, rs / batch_dot(p, Ap).clamp_min(1e-30), torch.zeros_like(rs))
-        x = x + _col(alpha, x) * p
-        r = r - _col(alpha, r) * Ap
+        x = x + per_sample(alpha, x) * p
+        r = r - per_sample(alpha, r) * Ap
         rs_new = batch_dot(r, r)
         beta = torch.where(active, rs_new / rs.clamp_min(1e-30), torch.zeros_like(rs))
-        p = r + _col(beta, p) * p
+        p = r + per_sample(beta, p) * p
         rs = rs_new
     return (x, iters) if return_iterations else x
