@@ -90,6 +90,8 @@ class ReconstructionModule(L.LightningModule):
         image_log_every_n_epochs: how often validation image grids go to the logger.
         max_skipped_batches: consecutive batches whose every sample diverged before training
             stops with an error (they take no optimizer step).
+        fixed_train_noise: seed the training noise per sample index, like validation's, so a
+            repeated batch is the same measurement each step (``debug=overfit``).
         run_config: the resolved run config, stored in the checkpoint.
     """
 
@@ -98,7 +100,7 @@ class ReconstructionModule(L.LightningModule):
     def __init__(self, method: Method, task: Task, optimizer: Callable | None = None,
                  scheduler: Callable | None = None, loss: nn.Module | None = None, seed: int = 0,
                  wiener_prior: str = "gradient", image_log_every_n_epochs: int = 1, max_skipped_batches: int = 20,
-                 run_config: dict | None = None):
+                 fixed_train_noise: bool = False, run_config: dict | None = None):
         super().__init__()
         # run_config (the resolved Hydra config) travels in the checkpoint so evaluate.py can rebuild the model
         self.save_hyperparameters(ignore=["method", "task", "optimizer", "scheduler", "loss"])
@@ -134,7 +136,7 @@ class ReconstructionModule(L.LightningModule):
         Training noise comes from the global (seeded) RNG; val/test noise is seeded per sample."""
         x, idx = batch
         trainer = self._trainer
-        if trainer is not None and trainer.training:
+        if trainer is not None and trainer.training and not self.hparams.fixed_train_noise:
             return x, self.task.sample(x), idx
         split = "test" if trainer is not None and trainer.testing else "val"
         seeds = idx.to("cpu") + self.seed + self.SPLIT_OFFSET[split]

@@ -37,11 +37,32 @@ def _instantiate_dict(cfg: DictConfig | None) -> list:
     return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
 
 
+def instantiate_group(cfg: DictConfig, group: str, **kwargs):
+    """Build one config group; an error names the group and its cause in one line (ConfigError)."""
+    try:
+        return hydra.utils.instantiate(cfg[group], **kwargs)
+    except InstantiationException as e:
+        cause = _cause(e)
+        given = [o for o in _overrides() if o.lstrip("+~").startswith((f"{group}.", f"{group}="))]
+        hint = f"you set {', '.join(given)}" if given else f"check the {group}.* values"
+        raise ConfigError(f"could not build `{group}` ({cfg[group].get('_target_', '?')}): "
+                          f"{cause if cause is not e else str(e).strip().splitlines()[-1]} ({hint})") from None
+
+
+def _overrides() -> list[str]:
+    """The command-line overrides of this run (empty outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
 def build_module(cfg: DictConfig, run_config: dict | None = None) -> ReconstructionModule:
-    method = hydra.utils.instantiate(cfg.method, _convert_="all")
-    task = hydra.utils.instantiate(cfg.task)
-    module_cfg = cfg.get("module")
-    module = hydra.utils.instantiate(module_cfg, method=method, task=task) if module_cfg else \
+    method = instantiate_group(cfg, "method", _convert_="all")
+    task = instantiate_group(cfg, "task")
+    module = instantiate_group(cfg, "module", method=method, task=task) if cfg.get("module") else \
         ReconstructionModule(method, task)
     # set after instantiation: the config holds _target_ keys that instantiate must not build
     module.hparams["run_config"] = run_config
@@ -120,7 +141,7 @@ def load_weights(module: ReconstructionModule, ckpt: dict[str, Any], path) -> No
 
 
 def _trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return instantiate_group(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
 
 
 def check_run_config(cfg: DictConfig) -> None:
@@ -153,7 +174,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_config = OmegaConf.to_container(cfg, resolve=True)
     if cfg.get("ckpt_path"):
         load_checkpoint(cfg.ckpt_path)  # readable and safe before Lightning touches it
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = instantiate_group(cfg, "data")
     getattr(datamodule, "validate", lambda s: None)("fit" if cfg.get("train", True) else "test")  # TEMP  # a missing split fails now, not after training
     module = build_module(cfg, run_config)
     trainer = _trainer(cfg, _instantiate_dict(cfg.get("callbacks")), _instantiate_dict(cfg.get("logger")))
@@ -209,7 +230,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"the checkpoint's model takes data.channels={train_cfg.data.channels} but "
                           f"data.channels={data_cfg.channels} was given; drop the override or set "
                           f"data.channels={train_cfg.data.channels}")
-    datamodule = hydra.utils.instantiate(data_cfg)
+    datamodule = instantiate_group(OmegaConf.create({"data": data_cfg}), "data")
     getattr(datamodule, "validate", lambda s: None)("test")  # TEMP
     module = build_module(OmegaConf.create({"method": train_cfg.method, "task": train_cfg.task,
                                             "module": train_cfg.get("module")}), ckpt["hyper_parameters"]["run_config"])

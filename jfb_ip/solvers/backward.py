@@ -156,15 +156,18 @@ def unroll(f, z0, solve, unroll_steps: int = 20) -> tuple[Tensor, SolverStats]:
     counts as converged if it is below the solver's ``tol``. A sample that turns non-finite
     is frozen at its last finite iterate, so its NaN never reaches the other samples' gradient."""
     _integer("unroll_steps", unroll_steps, 1)
+    # solve is equilibrium()'s partial of the forward solver: its tol and bound judge the iterate
+    tol = solve.keywords["tol"]
+    bound = solve.keywords.get("bound", inspect.signature(solve.func).parameters["bound"].default)
     bad = torch.zeros(z0.shape[0], dtype=torch.bool, device=z0.device)
     z = fz = z0
     for _ in range(unroll_steps):
         z, fz = fz, f(fz)
-        bad = bad | ~torch.isfinite(fz.detach().flatten(1)).all(1)
+        flat = fz.detach().flatten(1)
+        bad = bad | ~torch.isfinite(flat).all(1) | (flat.abs().amax(1) > bound)
         fz = torch.where(per_sample(bad, fz), z.detach(), fz)
     res = relative_residual(fz.detach(), z.detach())
     iters = torch.full((z0.shape[0],), unroll_steps, dtype=torch.long, device=z0.device)
-    tol = solve.keywords["tol"]  # solve is equilibrium()'s partial of the forward solver
     return fz, SolverStats(iters, res, bad, (res <= tol) & ~bad)
 
 
