@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
 
 # The CPU scale (default): K = 4 stages, LU-DnCNN's DnCNN at 8 layers of 32 channels (the
 # DE-GRAD default), LUSER's inner solve capped at 10 iterations. --paper-sizes drops these
@@ -48,19 +47,19 @@ def run(names: list[str], steps: int, image_size: int, batch: int, out: Path, ex
         run_dir = out / name
         shutil.rmtree(run_dir, ignore_errors=True)  # a run directory with last.ckpt would be resumed
         scale = [] if paper_sizes else CPU_SCALE.get(name, [])
-        cmd = [sys.executable, "train.py", *RUNS[name], *scale, f"trainer.max_steps={steps}", f"data.image_size={image_size}",
+        cmd = [sys.executable, "-m", "jfb_ip.train", *RUNS[name], *scale, f"trainer.max_steps={steps}", f"data.image_size={image_size}",
                f"data.batch_size={batch}", f"data.eval_batch_size={batch}", "logger=csv",
                "trainer.enable_progress_bar=false", "trainer.check_val_every_n_epoch=1000", *extra,  # validated once at the end
                f"hydra.run.dir={run_dir}"]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             print(f"{name}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
         metrics = json.loads((run_dir / "metrics.json").read_text())
         results[name] = {"test": {k: metrics["test"][k] for k in ("measurement", "wiener", "model")},
-                         "wall_time_s": wall, "n_images": metrics["test"]["n_images"], "overrides": cmd[2:]}
+                         "wall_time_s": wall, "n_images": metrics["test"]["n_images"], "overrides": cmd[3:]}
         print(f"{name}: model {metrics['test']['model']['psnr']:.2f} dB in {wall:.0f} s", flush=True)
     return results
 
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per method (the shared budget)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "compare")
+    p.add_argument("--out", type=Path, default=Path("outputs") / "compare")
     p.add_argument("--paper-sizes", action="store_true", help="paper 002 architectures (K=8, 17x64), for a GPU")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. task=deblur_5x5)")
     args = p.parse_args(argv)

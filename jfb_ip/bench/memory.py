@@ -41,10 +41,11 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from .. import config_dir
 from ..nets import count_parameters
 from .common import SavedBytes, pyplot, save_figure, write_outputs
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = config_dir()
 # name -> (method config, backward config or None for the method's own, what the sweep varies)
 METHODS = {"lu_dncnn": ("lu_dncnn", None, "stages"), "degrad_jfb": ("degrad", "jfb", "iters"),
            "degrad_implicit": ("degrad", "implicit", "iters"), "luser_sw": ("luser_sw", "jfb", "stages"),

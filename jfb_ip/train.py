@@ -1,0 +1,15 @@
+"""``python -m jfb_ip.train [overrides]``: train.py for an installed package (same configs)."""
+import hydra
+from omegaconf import DictConfig
+
+from . import config_dir
+from .lit.run import main_guard, train
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def main(cfg: DictConfig) -> None:
+    main_guard(train, cfg)
+
+
+if __name__ == "__main__":
+    main()
