@@ -32,12 +32,18 @@ def test_every_mode_has_a_row_per_side(bench):
         assert r["time_s"] > 0 and r["memory_bytes"] > 0 and r["batch"] == 2
         assert (r["floor_time_s"] is not None) == (r["mode"] == "jfb")
     for s in (12, 16):
+        jfb = rows["jfb", s]
         assert rows["unroll", s]["memory_ratio_to_jfb"] > 1  # 4 unrolled steps keep 4 graphs of T
-        assert rows["implicit", s]["grad_cos_to_implicit"] == pytest.approx(1.0, abs=1e-6)
-        assert rows["jfb", s]["time_ratio_to_jfb"] == 1.0 and rows["jfb", s]["floor_time_s"] > 0
-        assert rows["implicit", s]["bwd_tol"] == rows["implicit", s]["fwd_tol"]
-        assert rows["implicit", s]["bwd_iters"] >= 1
-        assert -1 <= rows["jfb", s]["grad_cos_to_implicit"] <= 1
+        for m in MODES:  # ratios are the raw numbers divided by jfb's, measured in the same run
+            r = rows[m, s]
+            assert r["time_ratio_to_jfb"] == pytest.approx(r["time_s"] / jfb["time_s"])
+            assert r["memory_ratio_to_jfb"] == pytest.approx(r["memory_bytes"] / jfb["memory_bytes"])
+        assert jfb["floor_time_s"] > 0
+        impl = rows["implicit", s]
+        assert impl["bwd_tol"] == impl["fwd_tol"] and 1 <= impl["bwd_iters"] <= 10
+        assert impl["bwd_residual"] <= impl["bwd_tol"]  # the backward solve reached its tolerance
+        # JFB is a descent direction (paper 000 Thm 4.1) but not the implicit gradient
+        assert 0 < jfb["grad_cos_to_implicit"] < 1 - 1e-6
 
 
 def test_json_written_with_documented_keys(bench):

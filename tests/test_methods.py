@@ -36,10 +36,12 @@ def test_lu_dncnn_refuses_a_fixed_point_backward_mode(tmp_path):
 
 
 def test_every_method_on_every_task_multirun(tmp_path):
-    overrides = [o for o in TINY if not o.startswith("method.") and not o.startswith("task.")]
+    overrides = [o for o in TINY if not o.startswith(("method.", "task.", "solver."))]
     # shrink each family with the keys it has (++: the sweep first composes the default method)
-    families = ((["degrad", "deprox", "lu_dncnn"], ["method.net.depth=3", "method.net.width=8"]),
-                (["luser_sw", "luser_dw"], ["solver.max_iter=3", "++method.stages=2"]))
+    families = ((["degrad", "deprox"], ["method.net.depth=3", "method.net.width=8", "solver.max_iter=5"]),
+                (["lu_dncnn"], ["++method.net.depth=3", "++method.net.width=8", "++method.stages=2"]),
+                (["luser_sw", "luser_dw"], ["solver.max_iter=3", "++method.stages=2"]),
+                (["wiener"], []))
     assert sorted(m for ms, _ in families for m in ms) == METHODS  # a new method must join this test
     jobs = 0
     for methods, extra in families:
