@@ -22,6 +22,15 @@ class LUSERBlock(nn.Module):
     residual added to d_k. Convolutions have biases and GroupNorm is affine, which gives
     Table 3's parameter counts (93,953 per block for C = 1).
 
+    Convergence (``norm_eps``): GroupNorm divides by sqrt(var + eps). With torch's eps = 1e-5 and
+    r near 0 (the solve starts at r = 0) the group variance is tiny, the map's local Lipschitz
+    constant is 16 to 41 and no inner solve reached tol = 1e-3 within 30 Anderson iterations at
+    initialisation (0 of 64 stage-solves, residuals 0.1 to 0.4). Table 1 fixes the layers but not
+    GroupNorm's epsilon: with eps = 1 (the default here) the normalisation's gain is at most
+    1/sqrt(eps) = 1 wherever the group variance is small, the spectrally normalised convs and
+    LeakyReLUs keep the rest near 1-Lipschitz, and every stage-solve converged at initialisation
+    (64 of 64, about 3 Anderson iterations each; 8 natural 48x48 crops, deblurring).
+
     Memory (same function, fewer tensors kept for backward): LeakyReLUs act in place; each
     GroupNorm + LeakyReLU pair keeps only its output (:class:`GroupNormLeakyReLU`, InPlace-ABN
     style); the first mixing conv applies the two halves of its (jointly spectrally
@@ -30,13 +39,15 @@ class LUSERBlock(nn.Module):
     """
 
     def __init__(self, channels: int = 3, width: int = 32, groups: int = 8, gamma: float = 1.0,
-                 negative_slope: float = 0.01):
+                 negative_slope: float = 0.01, norm_eps: float = 1.0):
         super().__init__()
+        if not norm_eps > 0:
+            raise ValueError(f"LUSERBlock: norm_eps must be > 0, got {norm_eps!r}")
         act = lambda: nn.LeakyReLU(negative_slope, inplace=True)  # noqa: E731
         self.width = width
         w2 = 2 * width
         self.injection = nn.Sequential(_conv(channels, width, gamma), act(), _conv(width, width, gamma), act())
-        norm_act = lambda c: GroupNormLeakyReLU(groups, c, negative_slope)  # noqa: E731
+        norm_act = lambda c: GroupNormLeakyReLU(groups, c, negative_slope, norm_eps)  # noqa: E731
         self.data = nn.Sequential(_conv(channels, width, gamma), norm_act(width),
                                   _conv(width, width, gamma), norm_act(width))
         self.mixing = nn.Sequential(_conv(w2, w2, gamma), norm_act(w2),
