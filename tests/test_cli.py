@@ -67,3 +67,13 @@ def test_metrics_json_stays_valid_with_non_finite_numbers(tmp_path):
     data = json.loads(path.read_text())  # strict JSON: NaN would not parse in other tools
     assert data == {"test": {"model": {"psnr": None, "ssim": None}, "n": 3}, "non_finite": True}
     assert "NaN" not in path.read_text()
+
+
+def test_a_missing_test_split_fails_before_training(tmp_path, image_folder):
+    import shutil
+
+    shutil.rmtree(image_folder / "test")
+    r = _cli(["data=folder", f"data.root={image_folder}", "data.image_size=16", "data.num_workers=0"], tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "test" in r.stderr.splitlines()[-1] and "not found" in r.stderr.splitlines()[-1]
+    assert not list((tmp_path / "out").glob("checkpoints/*.ckpt"))  # nothing trained

@@ -1,6 +1,7 @@
 """Datasets of clean images and the DataModule."""
 from .datamodule import ImageDataModule
-from .images import CelebA, DatasetNotFoundError, ImageFolder
-from .natural import NaturalImages
+from .images import CelebA, DatasetError, DatasetNotFoundError, ImageFolder
+from .natural import NATURAL_SPLITS, NaturalImages
 
-__all__ = ["ImageDataModule", "ImageFolder", "CelebA", "NaturalImages", "DatasetNotFoundError"]
+__all__ = ["ImageDataModule", "ImageFolder", "CelebA", "NaturalImages", "NATURAL_SPLITS", "DatasetError",
+           "DatasetNotFoundError"]

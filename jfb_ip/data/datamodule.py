@@ -1,10 +1,22 @@
 """The LightningDataModule: clean images only; measurements are made on the device."""
 from __future__ import annotations
 
+import inspect
+import logging
 from typing import Callable
 
 import lightning as L
+import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+
+from .images import DatasetError, check_channels, check_int
+
+log = logging.getLogger(__name__)
+
+# Which splits each stage needs. "fit" includes test: the test split runs after training, and a
+# missing or broken test/ must not be found only after hours of it.
+STAGE_SPLITS = {"fit": ("train", "val", "test"), "validate": ("val",), "test": ("test",)}
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -12,20 +24,34 @@ class ImageDataModule(L.LightningDataModule):
 
     Args:
         dataset: partial dataset constructor (``_partial_: true`` in the config).
-        root: dataset location, passed to the dataset when set (folder, CelebA).
-        image_size, channels: passed to every split.
-        batch_size, eval_batch_size, num_workers: loader settings.
-        splits: which splits exist (evaluate.py on a folder needs only 'test').
+        root: dataset location, passed to the dataset when set (folder, CelebA); a dataset that
+            takes no ``root`` (the embedded natural images) refuses it.
+        image_size (>= 1), channels (1 or 3): passed to every split.
+        batch_size, eval_batch_size (>= 1; eval defaults to batch_size), num_workers (>= 0): loader settings.
+
+    Bad values raise DatasetError (a ValueError) naming the ``data.*`` key at construction;
+    :meth:`validate` checks the files of the splits a stage needs before training starts.
     """
 
     def __init__(self, dataset: Callable[..., Dataset], root: str | None = None, image_size: int = 48,
                  channels: int = 3, batch_size: int = 16, eval_batch_size: int | None = None, num_workers: int = 0):
         super().__init__()
+        if not callable(dataset):
+            raise DatasetError(f"data.dataset must be a dataset class with _partial_: true, got {dataset!r}")
         self.dataset_fn = dataset
+        self.image_size = check_int("data.image_size", image_size, 1)
+        self.channels = check_channels(channels)
+        self.batch_size = check_int("data.batch_size", batch_size, 1)
+        # checked before `or`: eval_batch_size=0 must fail, not quietly become batch_size
+        eval_batch_size = check_int("data.eval_batch_size", eval_batch_size, 1, allow_none=True)
+        self.eval_batch_size = eval_batch_size or self.batch_size
+        self.num_workers = check_int("data.num_workers", num_workers, 0)
+        if root is not None and not _takes(dataset, "root"):
+            name = getattr(getattr(dataset, "func", dataset), "__name__", "this dataset")
+            hint = (" (its photos are embedded scikit-image samples); for your own images use data=folder "
+                    "data.root=<dir> with <dir>/train, <dir>/val, <dir>/test") if name == "NaturalImages" else ""
+            raise DatasetError(f"data.root={root!r} is given but {name} takes no root{hint}; drop data.root")
         self.root = root
-        self.image_size, self.channels = image_size, channels
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.num_workers = num_workers
         self._splits: dict[str, Dataset] = {}
 
     def split(self, name: str) -> Dataset:
@@ -33,6 +59,39 @@ class ImageDataModule(L.LightningDataModule):
             extra = {} if self.root is None else {"root": self.root}
             self._splits[name] = self.dataset_fn(split=name, image_size=self.image_size, channels=self.channels, **extra)
         return self._splits[name]
+
+    def validate(self, stage: str = "fit") -> None:
+        """Build and check every split ``stage`` needs, before any training or test step.
+
+        ``fit``: train, val and test (test runs after training, so its absence must show now);
+        ``validate``: val; ``test``: test. Per split: the dataset is built (missing paths, bad
+        config values), its ``check()`` runs if it has one (ImageFolder decodes every file; CelebA
+        checks every file exists and decodes up to ``CelebA.CHECK_DECODE`` of them), and its first
+        item must be a float (channels, image_size, image_size) image in [0, 1]. The global torch
+        RNG is left as it was, so validating changes no random crop or shuffle. Raises DatasetError.
+        """
+        if stage not in STAGE_SPLITS:
+            raise ValueError(f"validate: stage must be one of {list(STAGE_SPLITS)}, got {stage!r}")
+        with torch.random.fork_rng(devices=[]):
+            for name in STAGE_SPLITS[stage]:
+                ds = self.split(name)
+                if len(ds) == 0:
+                    raise DatasetError(f"the {name} split of {type(ds).__name__} is empty: it must hold at least "
+                                       f"one image")
+                check = getattr(ds, "check", None)
+                if callable(check):
+                    check()
+                self._check_item(name, ds[0][0])
+
+    def _check_item(self, split: str, x: Tensor) -> None:
+        want = (self.channels, self.image_size, self.image_size)
+        if not isinstance(x, Tensor) or tuple(x.shape) != want or not x.dtype.is_floating_point:
+            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+            raise DatasetError(f"the {split} split yields {got}, not a float image of shape {want} "
+                               f"(data.channels, data.image_size)")
+        lo, hi = float(x.min()), float(x.max())
+        if not (0.0 <= lo and hi <= 1.0):  # also false for NaN
+            raise DatasetError(f"the {split} split yields pixel values in [{lo:g}, {hi:g}], not in [0, 1]")
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", None):
@@ -56,3 +115,12 @@ class ImageDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False, self.eval_batch_size)
+
+
+def _takes(fn: Callable, param: str) -> bool:
+    """Whether ``fn`` (a class or functools.partial of one) accepts the keyword ``param``."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no introspectable signature: let the call decide
+        return True
+    return param in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

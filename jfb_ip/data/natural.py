@@ -5,7 +5,7 @@ fixed crops of *other* photos that are never trained on.
 """
 from __future__ import annotations
 
-import math
+import logging
 from functools import lru_cache
 from pathlib import Path
 
@@ -14,7 +14,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .images import ensure_min_size, load_image, split_transform
+from .images import (DatasetError, DatasetNotFoundError, check_channels, check_int, ensure_min_size, load_image,
+                     split_transform)
+
+log = logging.getLogger(__name__)
 
 SKIMAGE_DIR = Path(skimage.data.__file__).parent
 
@@ -31,14 +34,23 @@ NATURAL_SPLITS = {
 def _load(name: str, channels: int) -> Tensor:
     path = SKIMAGE_DIR / name
     if not path.is_file():
-        raise FileNotFoundError(f"scikit-image sample {path} is missing; reinstall scikit-image (make install)")
+        raise DatasetNotFoundError(f"scikit-image sample {path} is missing; reinstall scikit-image (make install)")
     return load_image(path, channels)
 
 
-def grid_crops(img: Tensor, size: int, n: int) -> list[Tensor]:
-    """n fixed size x size crops spread evenly over the non-overlapping tiles of ``img``."""
+def n_tiles(img: Tensor, size: int) -> int:
+    """How many non-overlapping size x size tiles ``img`` holds (what :func:`grid_crops` picks from)."""
     H, W = img.shape[-2:]
-    rows, cols = max(H // size, 1), max(W // size, 1)
+    return (H // size) * (W // size)
+
+
+def grid_crops(img: Tensor, size: int, n: int) -> list[Tensor]:
+    """min(n, tiles) fixed size x size crops spread evenly over the non-overlapping tiles of ``img``."""
+    H, W = img.shape[-2:]
+    if min(H, W) < size:
+        raise ValueError(f"grid_crops: a {H}x{W} image holds no {size}x{size} crop; upsample it first "
+                         f"(ensure_min_size)")
+    rows, cols = H // size, W // size
     tiles = [(r, c) for r in range(rows) for c in range(cols)]
     step = max(len(tiles) / n, 1.0)
     picks = sorted({tiles[min(int(i * step), len(tiles) - 1)] for i in range(min(n, len(tiles)))})
@@ -46,28 +58,60 @@ def grid_crops(img: Tensor, size: int, n: int) -> list[Tensor]:
     return [img[:, oy + r * size: oy + (r + 1) * size, ox + c * size: ox + (c + 1) * size] for r, c in picks]
 
 
+def share_crops(capacity: list[int], n: int) -> list[int]:
+    """Split ``n`` crops over photos holding ``capacity`` tiles each: as evenly as the tiles allow,
+    earlier photos taking the remainder (needs ``n <= sum(capacity)``)."""
+    counts = [0] * len(capacity)
+    while n > 0:
+        for i, cap in enumerate(capacity):
+            if n > 0 and counts[i] < cap:
+                counts[i] += 1
+                n -= 1
+    return counts
+
+
 class NaturalImages(Dataset):
     """Args:
         split: 'train', 'val' or 'test'.
         image_size: crop side.
         channels: 3 (RGB) or 1 (grayscale).
-        train_samples: random crops per training epoch.
-        eval_crops: fixed crops per val/test split (spread over its photos).
+        train_samples: random crops per training epoch (>= 1).
+        eval_crops: fixed, non-overlapping crops per val/test split, spread over its photos. Exactly
+            this many are made; asking for more than the photos' tiles hold is a DatasetError.
+
+    The photos are embedded: there is no ``root`` (ImageDataModule rejects ``data.root``).
+    Photos whose shorter side is below ``image_size`` are upsampled, with one logged warning.
     """
 
     def __init__(self, split: str, image_size: int = 48, channels: int = 3, train_samples: int = 512,
                  eval_crops: int = 32):
         if split not in NATURAL_SPLITS:
-            raise ValueError(f"NaturalImages: split must be one of {list(NATURAL_SPLITS)}, got {split!r}")
-        self.split, self.image_size = split, image_size
-        self.images = [ensure_min_size(_load(n, channels), image_size) for n in NATURAL_SPLITS[split]]
+            raise DatasetError(f"NaturalImages: split must be one of {list(NATURAL_SPLITS)}, got {split!r}")
+        self.split = split
+        self.image_size = check_int("data.image_size", image_size, 1)
+        channels = check_channels(channels)
+        train_samples = check_int("data.dataset.train_samples", train_samples, 1)
+        eval_crops = check_int("data.dataset.eval_crops", eval_crops, 1)
+        names = NATURAL_SPLITS[split]
+        photos = [_load(n, channels) for n in names]
+        small = [f"{n} ({p.shape[-1]}x{p.shape[-2]})" for n, p in zip(names, photos) if min(p.shape[-2:]) < image_size]
+        if small:
+            log.warning("data.image_size=%d is larger than the %s photo(s) %s: upsampled", image_size, split,
+                        ", ".join(small))
+        self.images = [ensure_min_size(p, image_size) for p in photos]
         if split == "train":
             self.length = train_samples
             self.transform = split_transform("train", image_size)
         else:
-            per_image = math.ceil(eval_crops / len(self.images))
-            crops = [c for img in self.images for c in grid_crops(img, image_size, per_image)]
-            self.crops = crops[:eval_crops]
+            capacity = [n_tiles(img, image_size) for img in self.images]
+            if eval_crops > sum(capacity):
+                per_photo = ", ".join(f"{n}: {c}" for n, c in zip(names, capacity))
+                raise DatasetError(
+                    f"data.dataset.eval_crops={eval_crops} but the {split} photos hold only {sum(capacity)} "
+                    f"non-overlapping {image_size}x{image_size} crops ({per_photo}); set "
+                    f"data.dataset.eval_crops<={sum(capacity)} or a smaller data.image_size")
+            self.crops = [c for img, k in zip(self.images, share_crops(capacity, eval_crops)) if k
+                          for c in grid_crops(img, image_size, k)]
             self.length = len(self.crops)
 
     def __len__(self) -> int:

@@ -17,7 +17,7 @@ from hydra.errors import InstantiationException
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from ..data import DatasetNotFoundError as DatasetError  # TEMP until data lands
+from ..data import DatasetError
 from .module import ReconstructionModule, TrainingDiverged
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("ckpt_path"):
         load_checkpoint(cfg.ckpt_path)  # readable and safe before Lightning touches it
     datamodule = instantiate_group(cfg, "data")
-    getattr(datamodule, "validate", lambda s: None)("fit" if cfg.get("train", True) else "test")  # TEMP  # a missing split fails now, not after training
+    datamodule.validate("fit" if cfg.get("train", True) else "test")  # a missing split fails now, not after training
     module = build_module(cfg, run_config)
     trainer = _trainer(cfg, _instantiate_dict(cfg.get("callbacks")), _instantiate_dict(cfg.get("logger")))
     fit_s = 0.0
@@ -231,7 +231,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                           f"data.channels={data_cfg.channels} was given; drop the override or set "
                           f"data.channels={train_cfg.data.channels}")
     datamodule = instantiate_group(OmegaConf.create({"data": data_cfg}), "data")
-    getattr(datamodule, "validate", lambda s: None)("test")  # TEMP
+    datamodule.validate("test")
     module = build_module(OmegaConf.create({"method": train_cfg.method, "task": train_cfg.task,
                                             "module": train_cfg.get("module")}), ckpt["hyper_parameters"]["run_config"])
     load_weights(module, ckpt, path)
