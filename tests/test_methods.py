@@ -86,3 +86,52 @@ def test_luser_inner_solves_report_backward_stats(tmp_path):
     assert all((p.backward_iterations >= 1).all() for p in merged.parts)
     assert torch.equal(merged.backward_iterations, merged.parts[0].backward_iterations + merged.parts[1].backward_iterations)
     assert all(p.grad is not None for p in method.blocks[0].parameters() if p.requires_grad)
+
+
+def test_luser_block_step_is_eq_7_computed_from_its_weights():
+    """Paper 002 eq. 7: r -> Mix(Data(r) (+) Inj(d)), recomputed here with plain torch ops on the
+    block's (normalised) weights, GroupNorm with the block's eps and a concatenation."""
+    import torch
+    import torch.nn.functional as F
+
+    from jfb_ip.nets import LUSERBlock
+
+    torch.manual_seed(0)
+    block = LUSERBlock(channels=2, width=8, groups=4, norm_eps=0.5).double().eval()  # eval: no power-iteration step per weight read
+    d, r = torch.randn(3, 2, 9, 11, dtype=torch.float64), torch.randn(3, 2, 9, 11, dtype=torch.float64)
+    with torch.no_grad():
+        for m in block.modules():  # non-trivial affine GroupNorm parameters
+            if hasattr(m, "groups") and hasattr(m, "bias"):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+
+    def conv(layer, x):
+        return F.conv2d(x, layer.weight, layer.bias, padding=1)
+
+    def gn_act(layer, x):
+        return F.leaky_relu(F.group_norm(x, 4, layer.weight, layer.bias, 0.5), 0.01)
+
+    with torch.no_grad():
+        inj = F.leaky_relu(conv(block.injection[2], F.leaky_relu(conv(block.injection[0], d), 0.01)), 0.01)
+        data = gn_act(block.data[3], conv(block.data[2], gn_act(block.data[1], conv(block.data[0], r))))
+        h = gn_act(block.mixing[1], conv(block.mixing[0], torch.cat([data, inj], 1)))
+        expected = conv(block.mixing[4], gn_act(block.mixing[3], conv(block.mixing[2], h)))
+        got = block.step(r.clone(), block.inject(d))
+    assert torch.allclose(got, expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["luser_dw", "luser_sw"])
+def test_luser_inner_solves_converge_at_initialisation(method, tmp_path):
+    """Issue 14: at least 99% of the inner solves reach tol within max_iter on the default config."""
+    import torch
+
+    from jfb_ip.data import NaturalImages
+
+    cfg = compose_cfg("train", [f"method={method}"], tmp_path)
+    torch.manual_seed(0)
+    m = hydra.utils.instantiate(cfg.method, _convert_="all")
+    ds = NaturalImages("val", 32, 3, eval_crops=4)
+    x = torch.stack([ds[i][0] for i in range(4)])
+    with torch.no_grad():
+        stats = m(hydra.utils.instantiate(cfg.task).sample(x, seeds=torch.arange(4))).stats
+    converged = torch.stack([p.converged for p in stats.parts])
+    assert converged.float().mean() >= 0.99, [p.residual.max().item() for p in stats.parts]
