@@ -1,4 +1,5 @@
 """local_lipschitz against closed forms: a batched dense linear map and tanh(Wx) (Jacobian diag(1 - tanh^2) W)."""
+import pytest
 import torch
 
 from jfb_ip.solvers.lipschitz import local_lipschitz
@@ -23,3 +24,64 @@ def test_nonlinear_map_at_a_point_matches_the_dense_jacobian():
     for i in range(2):
         J = torch.autograd.functional.jacobian(lambda z: torch.tanh(W @ z), x[i])
         assert abs(est[i] - torch.linalg.matrix_norm(J, ord=2)) < 1e-4 * est[i]
+
+
+def _dense_conv_norm(conv, shape):
+    """Largest singular value of the conv (weights as they are now, bias excluded) as a dense matrix."""
+    import math
+
+    n = math.prod(shape)
+    eye = torch.eye(n, dtype=D).reshape(n, *shape)
+    W = conv.weight.detach()
+    cols = torch.nn.functional.conv2d(eye, W, padding=conv.padding).flatten(1)
+    return torch.linalg.matrix_norm(cols.T, ord=2).item()
+
+
+def test_operator_mode_normalises_the_convolution_itself_and_kernel_mode_does_not():
+    from jfb_ip.nets import lipschitz_conv
+
+    shape = (2, 7, 9)
+    torch.manual_seed(0)
+    # a kernel whose taps all agree in sign: the conv's norm is far above the reshaped matrix's
+    base = torch.nn.Conv2d(2, 3, 3, padding=1).double()
+    with torch.no_grad():
+        base.weight.abs_()
+    kernel = lipschitz_conv(torch.nn.Conv2d(2, 3, 3, padding=1).double(), 0.9, "kernel")
+    operator = lipschitz_conv(torch.nn.Conv2d(2, 3, 3, padding=1).double(), 0.9, "operator")
+    for c in (kernel, operator):
+        c.parametrizations.weight.original.data.copy_(base.weight)
+        for _ in range(60):  # training-mode forwards: power-iteration steps at this input size
+            c(torch.zeros(1, *shape, dtype=D))
+    assert _dense_conv_norm(operator, shape) == pytest.approx(0.9, rel=1e-3)
+    assert _dense_conv_norm(kernel, shape) > 1.5 * 0.9  # the reshaped-matrix norm bounds nothing
+
+
+def test_operator_mode_bounds_the_network_and_makes_degrad_a_contraction():
+    """Lip(N) <= gamma^depth and Lip(T) <= 1 - eta lam (1 - eps) (Theorem 3.1 of paper 000), checked
+    with worst-case directions from power iteration at real inputs, after some training-mode steps."""
+    from jfb_ip.methods import DEGRAD
+    from jfb_ip.methods.base import fixed_weights
+    from jfb_ip.nets import DnCNN
+    from jfb_ip.physics import Deblur
+
+    torch.manual_seed(0)
+    depth, gamma = 4, 0.95
+    net = DnCNN(3, depth=depth, width=8, spectral_norm=True, gamma=gamma, norm_mode="operator").double()
+    m = DEGRAD(net, solver={"name": "anderson", "tol": 1e-8, "max_iter": 200}, backward={"mode": "jfb"},
+               reg_weight=0.5).double()
+    with torch.no_grad():  # weights far from their initialisation, as after training
+        for p in net.parameters():
+            p.mul_(3.0).add_(0.1)
+    x = torch.rand(2, 3, 16, 16, dtype=D, generator=torch.Generator().manual_seed(1))
+    meas = Deblur(kernel_size=5, variance=1.0, channels=3).sample(x, seeds=torch.tensor([0, 1]))
+    for _ in range(30):
+        m(meas)  # training mode: the persistent power-iteration vectors converge at 16x16
+    m.eval()
+    eta = m.step_size(meas, x)
+    with fixed_weights(m):
+        lip_n = local_lipschitz(net, x, n_iter=100, tol=1e-8)
+        lip_t = local_lipschitz(lambda z: m.T(z, meas, eta), x, n_iter=100, tol=1e-8)
+    eps = gamma ** depth
+    bound_t = 1 - eta.flatten()[0] * m.reg_weight * (1 - eps)
+    assert (lip_n <= eps * 1.001).all(), (lip_n, eps)
+    assert (lip_t <= bound_t * 1.001).all() and (lip_t < 1).all(), (lip_t, bound_t)
