@@ -225,7 +225,8 @@ class ReconstructionModule(L.LightningModule):
             m.calibrate_update(meas, x, psnr_score)
         if batch_idx == 0:
             lipschitz = getattr(self.method, "lipschitz_estimates", None)
-            if lipschitz is not None:  # local Lipschitz constants of the network and the map at real inputs
+            # inference-mode tensors cannot enter autograd (trainer.inference_mode=false allows it)
+            if lipschitz is not None and not torch.is_inference_mode_enabled():  # local Lipschitz constants of the network and the map at real inputs
                 self.log_dict({f"val/solver/{k}": v for k, v in lipschitz(meas).items()}, batch_size=x.shape[0])
             self._val_images = (x[:4], meas.as_image()[:4], rec.x[:4].clamp(0, 1))
 
