@@ -346,3 +346,25 @@ def test_folder_resize_is_applied_and_checked(three_splits):
     torch.testing.assert_close(ds[0][0], want, atol=2e-3, rtol=0)
     with pytest.raises(DatasetError, match=r"data\.dataset\.resize=4 is smaller than data\.image_size=8"):
         ImageFolder("val", 8, root=three_splits, resize=4)
+
+
+def test_zoom_out_crops_see_the_photo_at_coarser_scales():
+    # a horizontal ramp of slope 1/W: a crop zoomed out by s has slope s/W, measured independently
+    from jfb_ip.data.images import RandomZoomOut
+    W = 256
+    ramp = torch.linspace(0, 1, W).expand(1, W, W).clone()
+    torch.manual_seed(0)
+    slopes = []
+    for _ in range(40):
+        crop = RandomZoomOut(32, 3.0)(ramp)
+        assert crop.shape == (1, 32, 32)
+        slopes.append(float((crop[0, 16, 24] - crop[0, 16, 8]) / 16) * (W - 1))
+    assert 0.98 < min(slopes) and max(slopes) < 3.02
+    assert max(slopes) - min(slopes) > 1.0  # the scale really varies
+    assert float((RandomZoomOut(32, 1.0)(ramp[..., :32, :32]) - ramp[..., :32, :32]).abs().max()) == 0
+
+
+@pytest.mark.parametrize("bad", [0.5, "abc", True])
+def test_zoom_out_is_checked(bad):
+    with pytest.raises(DatasetError, match="max_zoom_out"):
+        NaturalImages("train", 32, 3, 4, max_zoom_out=bad)

@@ -32,12 +32,13 @@ def _dense_conv_norm(conv, shape):
 
     n = math.prod(shape)
     eye = torch.eye(n, dtype=D).reshape(n, *shape)
-    W = conv.weight.detach()
-    cols = torch.nn.functional.conv2d(eye, W, padding=conv.padding).flatten(1)
+    with torch.no_grad():  # torch's own padding (zeros or circular), bias left out
+        cols = conv._conv_forward(eye, conv.weight, None).flatten(1)
     return torch.linalg.matrix_norm(cols.T, ord=2).item()
 
 
-def test_operator_mode_normalises_the_convolution_itself_and_kernel_mode_does_not():
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
+def test_operator_mode_normalises_the_convolution_itself_and_kernel_mode_does_not(padding_mode):
     from jfb_ip.nets import lipschitz_conv
 
     shape = (2, 7, 9)
@@ -46,8 +47,9 @@ def test_operator_mode_normalises_the_convolution_itself_and_kernel_mode_does_no
     base = torch.nn.Conv2d(2, 3, 3, padding=1).double()
     with torch.no_grad():
         base.weight.abs_()
-    kernel = lipschitz_conv(torch.nn.Conv2d(2, 3, 3, padding=1).double(), 0.9, "kernel")
-    operator = lipschitz_conv(torch.nn.Conv2d(2, 3, 3, padding=1).double(), 0.9, "operator")
+    kernel = lipschitz_conv(torch.nn.Conv2d(2, 3, 3, padding=1, padding_mode=padding_mode).double(), 0.9, "kernel")
+    operator = lipschitz_conv(torch.nn.Conv2d(2, 3, 3, padding=1, padding_mode=padding_mode).double(), 0.9,
+                              "operator")
     for c in (kernel, operator):
         c.parametrizations.weight.original.data.copy_(base.weight)
         for _ in range(60):  # training-mode forwards: power-iteration steps at this input size

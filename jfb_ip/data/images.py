@@ -163,12 +163,41 @@ def ensure_min_size(img: Tensor, size: int, reflect_pad: bool = False) -> Tensor
     return v2.functional.resize(img, size, antialias=True)
 
 
-def split_transform(split: str, image_size: int, resize: int | None = None) -> Callable[[Tensor], Tensor]:
+class RandomZoomOut:
+    """Random crop of side ``round(size * s)``, ``s`` uniform in ``[1, max_zoom_out]``, resized down to
+    ``size`` (antialiased): each training crop sees the photo at a random coarser scale. Downscaled photos
+    are sharper and hold more structure per crop, which a deblurring prior trained on few photos needs
+    (the test photos come at other resolutions)."""
+
+    def __init__(self, size: int, max_zoom_out: float):
+        self.size, self.max_zoom_out = size, float(max_zoom_out)
+
+    def __call__(self, img: Tensor) -> Tensor:
+        s = 1.0 + (self.max_zoom_out - 1.0) * float(torch.rand(()))
+        side = min(round(self.size * s), *img.shape[-2:])
+        if side <= self.size:
+            return img
+        img = v2.RandomCrop(side)(img)
+        return v2.functional.resize(img, [self.size, self.size], antialias=True)
+
+
+def check_zoom_out(max_zoom_out: object) -> float:
+    """``data.dataset.max_zoom_out``: a number >= 1 (1 = no zoom-out augmentation)."""
+    if isinstance(max_zoom_out, bool) or not isinstance(max_zoom_out, (int, float)) or not max_zoom_out >= 1:
+        raise DatasetError(f"data.dataset.max_zoom_out must be a number >= 1 (1: off), got {max_zoom_out!r}")
+    return float(max_zoom_out)
+
+
+def split_transform(split: str, image_size: int, resize: int | None = None,
+                    max_zoom_out: float = 1.0) -> Callable[[Tensor], Tensor]:
     """Every split: optional resize of the shorter side to ``resize`` (same scale in train and test).
-    Train: random crop (reflect-padded if the image is smaller, upsampled if under half the crop) + flips.
+    Train: optional random zoom-out (:class:`RandomZoomOut`), random crop (reflect-padded if the image
+    is smaller, upsampled if under half the crop) + flips.
     Val/test: center crop (upsampled first if smaller): the same pixels every time."""
     ops: list = [v2.Resize(resize, antialias=True)] if resize else []
     if split == "train":
+        if max_zoom_out > 1:
+            ops.append(RandomZoomOut(image_size, max_zoom_out))
         ops += [functools.partial(ensure_min_size, size=image_size, reflect_pad=True),
                 v2.RandomCrop(image_size, pad_if_needed=True, padding_mode="reflect"),
                 v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]

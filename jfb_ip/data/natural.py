@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .images import (DatasetError, DatasetNotFoundError, check_channels, check_int, ensure_min_size, load_image,
-                     split_transform)
+from .images import (DatasetError, DatasetNotFoundError, check_channels, check_int, check_zoom_out, ensure_min_size,
+                     load_image, split_transform)
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,15 @@ class NaturalImages(Dataset):
         train_samples: random crops per training epoch (>= 1).
         eval_crops: fixed, non-overlapping crops per val/test split, spread over its photos. Exactly
             this many are made; asking for more than the photos' tiles hold is a DatasetError.
+        max_zoom_out: training crops see the photos downscaled by a random factor in [1, max_zoom_out]
+            (:class:`~jfb_ip.data.images.RandomZoomOut`; 1: off).
 
     The photos are embedded: there is no ``root`` (ImageDataModule rejects ``data.root``).
     Photos whose shorter side is below ``image_size`` are upsampled, with one logged warning.
     """
 
     def __init__(self, split: str, image_size: int = 48, channels: int = 3, train_samples: int = 512,
-                 eval_crops: int = 32):
+                 eval_crops: int = 32, max_zoom_out: float = 1.0):
         if split not in NATURAL_SPLITS:
             raise DatasetError(f"NaturalImages: split must be one of {list(NATURAL_SPLITS)}, got {split!r}")
         self.split = split
@@ -92,6 +94,7 @@ class NaturalImages(Dataset):
         channels = check_channels(channels)
         train_samples = check_int("data.dataset.train_samples", train_samples, 1)
         eval_crops = check_int("data.dataset.eval_crops", eval_crops, 1)
+        max_zoom_out = check_zoom_out(max_zoom_out)
         names = NATURAL_SPLITS[split]
         photos = [_load(n, channels) for n in names]
         small = [f"{n} ({p.shape[-1]}x{p.shape[-2]})" for n, p in zip(names, photos) if min(p.shape[-2:]) < image_size]
@@ -101,7 +104,7 @@ class NaturalImages(Dataset):
         self.images = [ensure_min_size(p, image_size) for p in photos]
         if split == "train":
             self.length = train_samples
-            self.transform = split_transform("train", image_size)
+            self.transform = split_transform("train", image_size, max_zoom_out=max_zoom_out)
         else:
             capacity = [n_tiles(img, image_size) for img in self.images]
             if eval_crops > sum(capacity):

@@ -54,11 +54,15 @@ class DnCNN(nn.Module):
             map is a contraction by Theorem 3.1 of paper 000; biases do not matter).
         residual: return x - net(x) (the denoiser form) instead of net(x).
         bias: biases in the convs (paper 002 Table 3 counts a bias-free DnCNN).
+        padding_mode: the convs' padding, 'zeros' (paper 000's DnCNN) or 'circular'. With a circular
+            forward operator (the deblur tasks) circular padding makes every pixel of a training crop an
+            interior pixel: the network then behaves the same on a 48x48 crop and on a large photo,
+            instead of spending most of a small crop's training signal on its zero-padded border.
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int | None = None, depth: int = 17, width: int = 64,
                  batch_norm: bool = False, spectral_norm: bool = False, gamma: float = 1.0,
-                 residual: bool = False, bias: bool = True, norm_mode: str = "kernel"):
+                 residual: bool = False, bias: bool = True, norm_mode: str = "kernel", padding_mode: str = "zeros"):
         super().__init__()
         if depth < 2:
             raise ValueError(f"DnCNN: depth must be >= 2, got {depth}")
@@ -67,10 +71,12 @@ class DnCNN(nn.Module):
         out_channels = out_channels or in_channels
         if residual and out_channels != in_channels:
             raise ValueError("DnCNN: residual=True needs out_channels == in_channels")
+        if padding_mode not in ("zeros", "circular"):
+            raise ValueError(f"DnCNN: padding_mode must be 'zeros' or 'circular', got {padding_mode!r}")
         self.residual = residual
 
         def conv(cin, cout):
-            c = nn.Conv2d(cin, cout, 3, padding=1, bias=bias)
+            c = nn.Conv2d(cin, cout, 3, padding=1, bias=bias, padding_mode=padding_mode)
             return lipschitz_conv(c, gamma, norm_mode) if spectral_norm else c
 
         layers: list[nn.Module] = [conv(in_channels, width), nn.ReLU(inplace=True)]

@@ -10,7 +10,8 @@ from torch.nn.utils import parametrize
 class ConvOperatorNorm(nn.Module):
     """Parametrization W -> gamma * W / ||conv_W||, with ||conv_W|| the operator norm of the
     convolution (its padding included) on inputs of the layer's spatial size, estimated by power
-    iteration on conv and its adjoint (conv_transpose2d with the same padding: exact for stride 1).
+    iteration on conv and its adjoint (zero padding: conv_transpose2d with the same padding; circular
+    padding: the circular convolution with the transposed, flipped kernel; both exact for stride 1).
 
     The right singular vector ``v`` persists in a buffer, so one iteration per training forward
     keeps the estimate tight (as ``torch.nn.utils.spectral_norm`` does for the kernel matrix);
@@ -24,15 +25,26 @@ class ConvOperatorNorm(nn.Module):
         super().__init__()
         if conv.stride not in (1, (1, 1)) or conv.groups != 1:
             raise ValueError("ConvOperatorNorm: stride-1, ungrouped convolutions only")
+        if conv.padding_mode not in ("zeros", "circular"):
+            raise ValueError(f"ConvOperatorNorm: padding_mode 'zeros' or 'circular', got {conv.padding_mode!r}")
         self.gamma, self.padding, self.dilation = gamma, conv.padding, conv.dilation
+        self.circular = conv.padding_mode == "circular"
         self.in_channels, self.size = conv.in_channels, tuple(size)
         self.n_iter, self.n_iter_init = n_iter, n_iter_init
         self.register_buffer("v", torch.empty(0))
 
+    def _pad_circular(self, x: Tensor) -> Tensor:
+        ph, pw = self.padding
+        return F.pad(x, (pw, pw, ph, ph), mode="circular")
+
     def _conv(self, x: Tensor, W: Tensor) -> Tensor:
+        if self.circular:
+            return F.conv2d(self._pad_circular(x), W, dilation=self.dilation)
         return F.conv2d(x, W, padding=self.padding, dilation=self.dilation)
 
     def _adjoint(self, y: Tensor, W: Tensor) -> Tensor:
+        if self.circular:  # adjoint of a circular correlation: correlate with the flipped, transposed kernel
+            return F.conv2d(self._pad_circular(y), W.transpose(0, 1).flip(-2, -1), dilation=self.dilation)
         return F.conv_transpose2d(y, W, padding=self.padding, dilation=self.dilation)
 
     def forward(self, W: Tensor) -> Tensor:
