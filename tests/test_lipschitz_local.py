@@ -37,8 +37,8 @@ def _dense_conv_norm(conv, shape):
     return torch.linalg.matrix_norm(cols.T, ord=2).item()
 
 
-@pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
-def test_operator_mode_normalises_the_convolution_itself_and_kernel_mode_does_not(padding_mode):
+@pytest.mark.parametrize("padding_mode,dilation", [("zeros", 1), ("circular", 1), ("zeros", 2), ("circular", 3)])
+def test_operator_mode_normalises_the_convolution_itself_and_kernel_mode_does_not(padding_mode, dilation):
     from jfb_ip.nets import lipschitz_conv
 
     shape = (2, 7, 9)
@@ -47,9 +47,9 @@ def test_operator_mode_normalises_the_convolution_itself_and_kernel_mode_does_no
     base = torch.nn.Conv2d(2, 3, 3, padding=1).double()
     with torch.no_grad():
         base.weight.abs_()
-    kernel = lipschitz_conv(torch.nn.Conv2d(2, 3, 3, padding=1, padding_mode=padding_mode).double(), 0.9, "kernel")
-    operator = lipschitz_conv(torch.nn.Conv2d(2, 3, 3, padding=1, padding_mode=padding_mode).double(), 0.9,
-                              "operator")
+    kw = dict(padding=dilation, dilation=dilation, padding_mode=padding_mode)
+    kernel = lipschitz_conv(torch.nn.Conv2d(2, 3, 3, **kw).double(), 0.9, "kernel")
+    operator = lipschitz_conv(torch.nn.Conv2d(2, 3, 3, **kw).double(), 0.9, "operator")
     for c in (kernel, operator):
         c.parametrizations.weight.original.data.copy_(base.weight)
         for _ in range(60):  # training-mode forwards: power-iteration steps at this input size
@@ -87,3 +87,16 @@ def test_operator_mode_bounds_the_network_and_makes_degrad_a_contraction():
     bound_t = 1 - eta.flatten()[0] * m.reg_weight * (1 - eps)
     assert (lip_n <= eps * 1.001).all(), (lip_n, eps)
     assert (lip_t <= bound_t * 1.001).all() and (lip_t < 1).all(), (lip_t, bound_t)
+
+
+@pytest.mark.parametrize("dilations,side", [(None, 17), ([1, 2, 3, 4, 4, 3, 2, 1], 41)])
+def test_dncnn_receptive_field_follows_its_dilations(dilations, side):
+    """The output pixel's gradient support is 1 + 2 * sum(dilations) wide (3x3 convs)."""
+    from jfb_ip.nets import DnCNN
+
+    torch.manual_seed(0)
+    net = DnCNN(1, depth=8, width=4, dilations=dilations).double()
+    x = torch.rand(1, 1, 64, 64, dtype=D, requires_grad=True)
+    net(x)[0, 0, 32, 32].backward()
+    rows = x.grad[0, 0].abs().sum(1).nonzero()
+    assert int(rows.max() - rows.min()) + 1 == side

@@ -58,11 +58,15 @@ class DnCNN(nn.Module):
             forward operator (the deblur tasks) circular padding makes every pixel of a training crop an
             interior pixel: the network then behaves the same on a 48x48 crop and on a large photo,
             instead of spending most of a small crop's training signal on its zero-padded border.
+        dilations: one dilation per conv (``depth`` values; None: all 1). IRCNN's 1,2,3,4,3,2,1 pattern
+            widens the receptive field (8 layers: 17 -> 33 pixels) at the same cost and parameter count,
+            which a deblurring prior needs: a 9x9 blur spreads each edge over 9 pixels.
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int | None = None, depth: int = 17, width: int = 64,
                  batch_norm: bool = False, spectral_norm: bool = False, gamma: float = 1.0,
-                 residual: bool = False, bias: bool = True, norm_mode: str = "kernel", padding_mode: str = "zeros"):
+                 residual: bool = False, bias: bool = True, norm_mode: str = "kernel", padding_mode: str = "zeros",
+                 dilations: list[int] | None = None):
         super().__init__()
         if depth < 2:
             raise ValueError(f"DnCNN: depth must be >= 2, got {depth}")
@@ -73,10 +77,15 @@ class DnCNN(nn.Module):
             raise ValueError("DnCNN: residual=True needs out_channels == in_channels")
         if padding_mode not in ("zeros", "circular"):
             raise ValueError(f"DnCNN: padding_mode must be 'zeros' or 'circular', got {padding_mode!r}")
+        dilations = [1] * depth if dilations is None else [int(d) for d in dilations]
+        if len(dilations) != depth or min(dilations) < 1:
+            raise ValueError(f"DnCNN: dilations must be {depth} integers >= 1 (one per conv), got {dilations}")
         self.residual = residual
+        dil = iter(dilations)
 
         def conv(cin, cout):
-            c = nn.Conv2d(cin, cout, 3, padding=1, bias=bias, padding_mode=padding_mode)
+            d = next(dil)
+            c = nn.Conv2d(cin, cout, 3, padding=d, dilation=d, bias=bias, padding_mode=padding_mode)
             return lipschitz_conv(c, gamma, norm_mode) if spectral_norm else c
 
         layers: list[nn.Module] = [conv(in_channels, width), nn.ReLU(inplace=True)]
