@@ -1,9 +1,13 @@
 """Forward models: linear operators with exact adjoints, noise, measurements and tasks."""
 from .blur import GaussianBlur
+from .ct import CT
+from .downsampling import Downsampling
+from .inpainting import Inpainting
 from .measurement import Measurement
+from .mri import MRI
 from .noise import gaussian_noise, randn_like
 from .operator import LinearOperator, laplacian
 from .tasks import Deblur, Task
 
-__all__ = ["GaussianBlur", "LinearOperator", "Measurement", "Task", "Deblur", "gaussian_noise", "randn_like",
-           "laplacian"]
+__all__ = ["GaussianBlur", "Inpainting", "Downsampling", "MRI", "CT", "LinearOperator", "Measurement", "Task",
+           "Deblur", "gaussian_noise", "randn_like", "laplacian"]
