@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 from ..physics import Measurement
 from ..solvers import SolverStats, equilibrium
 from ..solvers.equilibrium import check_names
+from ..solvers.lipschitz import local_lipschitz
 
 
 @dataclass
@@ -110,12 +111,32 @@ def refuse_fixed_point_options(method: str, solver: Mapping[str, Any] | None, ba
 
 
 class FixedPointMethod(Method):
-    """A method whose output is the fixed point of a map T(x; meas) (see :class:`Equilibrium`)."""
+    """A method whose output is the fixed point of a map T(x; meas) (see :class:`Equilibrium`).
 
-    def __init__(self, solver: Mapping[str, Any], backward: Mapping[str, Any]):
+    Subclasses with a network ``net`` inside ``T(x, meas, eta)`` and a ``step_size(meas, like)``
+    get :meth:`lipschitz_estimates` (logged at validation when ``log_lipschitz``)."""
+
+    def __init__(self, solver: Mapping[str, Any], backward: Mapping[str, Any], log_lipschitz: bool = False):
         super().__init__()
         self.solve = Equilibrium(solver, backward)
         self.backward_mode = self.solve.mode
+        self.log_lipschitz = log_lipschitz
+
+    def lipschitz_estimates(self, meas: Measurement, n_iter: int = 20) -> dict[str, float]:
+        """Local Lipschitz constants of the network and of T at this batch's fixed points (power
+        iteration on J^T J; mean and max over samples). Theorem 3.1 of paper 000 needs Lip(T) < 1 for
+        a contraction; whether the network's normalisation guarantees it is said in DnCNN's docstring."""
+        if not self.log_lipschitz:
+            return {}
+        with torch.no_grad():
+            z = self(meas).x
+        eta = self.step_size(meas, z)
+        g = torch.Generator(device=z.device).manual_seed(0)
+        with fixed_weights(self):
+            lip_n = local_lipschitz(self.net, z, n_iter, generator=g)
+            lip_t = local_lipschitz(lambda x: self.T(x, meas, eta), z, n_iter, generator=g)
+        return {"lipschitz_net_mean": lip_n.mean().item(), "lipschitz_net_max": lip_n.max().item(),
+                "lipschitz_T_mean": lip_t.mean().item(), "lipschitz_T_max": lip_t.max().item()}
 
 
 @contextmanager

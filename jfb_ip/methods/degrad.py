@@ -9,7 +9,6 @@ from torch import Tensor, nn
 
 from ..physics import Measurement
 from ..solvers import per_sample
-from ..solvers.lipschitz import local_lipschitz
 from .base import FixedPointMethod, Reconstruction, fixed_weights
 
 
@@ -29,15 +28,14 @@ class DEGRAD(FixedPointMethod):
         reg_weight: initial lam.
         learn_reg_weight: train lam with the network.
         log_lipschitz: measure the local Lipschitz constants of N and T on the first validation
-            batch of every validation epoch (:meth:`lipschitz_estimates`).
+            batch of every validation epoch (:meth:`FixedPointMethod.lipschitz_estimates`).
         solver, backward: equilibrium options (see :class:`FixedPointMethod`).
     """
 
     def __init__(self, net: nn.Module, solver: Mapping[str, Any], backward: Mapping[str, Any],
                  eta: float | None = None, reg_weight: float = 0.05, learn_reg_weight: bool = True,
                  log_lipschitz: bool = True):
-        super().__init__(solver, backward)
-        self.log_lipschitz = log_lipschitz
+        super().__init__(solver, backward, log_lipschitz)
         if not 0 < reg_weight < 1:
             raise ValueError(f"DEGRAD: reg_weight must lie in (0, 1), got {reg_weight}")
         if eta is not None and eta <= 0:
@@ -63,22 +61,6 @@ class DEGRAD(FixedPointMethod):
     def T(self, x: Tensor, meas: Measurement, eta: Tensor) -> Tensor:
         """One DE-GRAD step, eq. (3.6) of paper 000."""
         return x - eta * (meas.grad(x) + self.regularizer(x))
-
-    def lipschitz_estimates(self, meas: Measurement, n_iter: int = 20) -> dict[str, float]:
-        """Local Lipschitz constants of N and of T at this batch's fixed points (power iteration on
-        J^T J; mean and max over samples). Theorem 3.1 of paper 000 needs Lip(T) < 1 for a
-        contraction; whether the network's normalisation guarantees it is said in DnCNN's docstring."""
-        if not self.log_lipschitz:
-            return {}
-        with torch.no_grad():
-            z = self(meas).x
-        eta = self.step_size(meas, z)
-        g = torch.Generator(device=z.device).manual_seed(0)
-        with fixed_weights(self):
-            lip_n = local_lipschitz(self.net, z, n_iter, generator=g)
-            lip_t = local_lipschitz(lambda x: self.T(x, meas, eta), z, n_iter, generator=g)
-        return {"lipschitz_net_mean": lip_n.mean().item(), "lipschitz_net_max": lip_n.max().item(),
-                "lipschitz_T_mean": lip_t.mean().item(), "lipschitz_T_max": lip_t.max().item()}
 
     def forward(self, meas: Measurement) -> Reconstruction:
         z0 = meas.init()

@@ -25,21 +25,25 @@ class DEProx(FixedPointMethod):
     Args:
         net: the denoiser S.
         eta: step size; None derives 1/L per sample.
+        log_lipschitz: measure Lip(S) and Lip(T) at the fixed points at each validation.
     """
 
     def __init__(self, net: nn.Module, solver: Mapping[str, Any], backward: Mapping[str, Any],
-                 eta: float | None = None):
-        super().__init__(solver, backward)
+                 eta: float | None = None, log_lipschitz: bool = True):
+        super().__init__(solver, backward, log_lipschitz)
         if eta is not None and eta <= 0:
             raise ValueError(f"DEProx: eta must be > 0 (or null for 1/L), got {eta}")
         self.net, self.eta = net, eta
+
+    def step_size(self, meas: Measurement, like: Tensor) -> Tensor:
+        return per_sample(self.eta if self.eta is not None else 1.0 / meas.lambda_max(), like)
 
     def T(self, x: Tensor, meas: Measurement, eta: Tensor) -> Tensor:
         return self.net(x - eta * meas.grad(x))
 
     def forward(self, meas: Measurement) -> Reconstruction:
         z0 = meas.init()
-        eta = per_sample(self.eta if self.eta is not None else 1.0 / meas.lambda_max(), z0)
+        eta = self.step_size(meas, z0)
         with fixed_weights(self):
             x, stats = self.solve(lambda x: self.T(x, meas, eta), z0)
         return Reconstruction(x, stats=stats)
