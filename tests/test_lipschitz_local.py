@@ -100,3 +100,20 @@ def test_dncnn_receptive_field_follows_its_dilations(dilations, side):
     net(x)[0, 0, 32, 32].backward()
     rows = x.grad[0, 0].abs().sum(1).nonzero()
     assert int(rows.max() - rows.min()) + 1 == side
+
+
+def test_operator_mode_checkpoint_loads_into_a_model_last_run_at_another_size():
+    """The power-iteration vector is saved at the training size; a fresh model (run at another size)
+    loads it and then computes the same function as the saved one, at that saved normalisation."""
+    from jfb_ip.nets import DnCNN
+
+    torch.manual_seed(0)
+    trained = DnCNN(3, depth=3, width=4, spectral_norm=True, gamma=0.9, norm_mode="operator").double()
+    trained(torch.rand(2, 3, 24, 24, dtype=D))
+    trained.eval()
+    fresh = DnCNN(3, depth=3, width=4, spectral_norm=True, gamma=0.9, norm_mode="operator").double()
+    fresh(torch.rand(1, 3, 16, 16, dtype=D))
+    fresh.load_state_dict(trained.state_dict())
+    fresh.eval()
+    x = torch.rand(1, 3, 24, 24, dtype=D)
+    assert torch.equal(fresh(x), trained(x))

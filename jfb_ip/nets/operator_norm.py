@@ -33,6 +33,14 @@ class ConvOperatorNorm(nn.Module):
         self.n_iter, self.n_iter_init = n_iter, n_iter_init
         self.register_buffer("v", torch.empty(0))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # v's shape is the input size of the layer's last call, which a freshly built model need not
+        # share with the checkpoint: take the saved vector's shape instead of refusing it
+        saved = state_dict.get(prefix + "v")
+        if saved is not None:
+            self.v = torch.empty_like(saved, device=self.v.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _pad_circular(self, x: Tensor) -> Tensor:
         ph, pw = self.padding
         return F.pad(x, (pw, pw, ph, ph), mode="circular")
