@@ -7,6 +7,7 @@ from pathlib import Path
 
 import hydra
 import pytest
+import torch
 
 from conftest import CONF, ROOT, TINY, compose_cfg
 from jfb_ip.nets import count_parameters
@@ -135,3 +136,42 @@ def test_luser_inner_solves_converge_at_initialisation(method, tmp_path):
         stats = m(hydra.utils.instantiate(cfg.task).sample(x, seeds=torch.arange(4))).stats
     converged = torch.stack([p.converged for p in stats.parts])
     assert converged.float().mean() >= 0.99, [p.residual.max().item() for p in stats.parts]
+
+
+@pytest.mark.parametrize("backward,updates", [("jfb", 1), ("unroll", 3)])
+def test_batchnorm_inside_a_fixed_point(backward, updates):
+    """Issue 14 §4: the no-grad solve uses BatchNorm's running statistics, so a sample's fixed point does
+    not depend on the rest of its batch and the running averages move only in the differentiable
+    application(s) (JFB: one; unroll: unroll_steps), never once per solver iteration."""
+    from jfb_ip.methods import DEGRAD
+    from jfb_ip.nets import DnCNN
+    from jfb_ip.physics import Deblur
+
+    torch.manual_seed(0)
+    net = DnCNN(3, depth=4, width=8, batch_norm=True, spectral_norm=True, gamma=0.99)
+    bw = {"mode": backward, **({"unroll_steps": 3} if backward == "unroll" else {})}
+    m = DEGRAD(net, solver={"name": "anderson", "tol": 1e-6, "max_iter": 200}, backward=bw)
+    x = torch.rand(4, 3, 24, 24)
+    task = Deblur()
+    meas = task.sample(x, seeds=torch.arange(4))
+    bns = [b for b in net.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+    with torch.no_grad():  # running statistics away from their (0, 1) initialisation
+        for b in bns:
+            b.running_mean.uniform_(-0.2, 0.2)
+            b.running_var.uniform_(0.5, 2.0)
+    m.train()
+    rec = m(meas)
+    assert all(int(b.num_batches_tracked) == updates for b in bns)
+    rec.x.square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+    # the same sample alone and in its batch: the same equilibrium of the training-mode solve
+    with torch.no_grad():
+        from jfb_ip.methods.base import running_stats_without_grad
+        f_all = running_stats_without_grad(lambda z: m.T(z, meas, m.step_size(meas, z)), m)
+        one = task.sample(x[:1], seeds=torch.arange(1))
+        f_one = running_stats_without_grad(lambda z: m.T(z, one, m.step_size(one, z)), m)
+        z_all, z_one = meas.init(), one.init()
+        for _ in range(300):  # plain iteration: no solver in the comparison
+            z_all, z_one = f_all(z_all), f_one(z_one)
+    assert float((z_all[:1] - z_one).abs().max()) < 1e-5
+    assert all(int(b.num_batches_tracked) == updates for b in bns)  # no-grad evaluations never move them

@@ -88,9 +88,43 @@ class Equilibrium:
             equilibrium(lambda z: 0.5 * z, torch.ones(1, 1), forward=self.forward, backward=self.mode, tol=self.tol,
                         max_iter=self.max_iter, backward_options=self.backward_options, **self.solver_options)
 
-    def __call__(self, f, z0: Tensor) -> tuple[Tensor, SolverStats]:
+    def __call__(self, f, z0: Tensor, module: nn.Module | None = None) -> tuple[Tensor, SolverStats]:
+        """The fixed point of ``f`` from ``z0``. ``module``: the network inside ``f``; its BatchNorm layers
+        then use running statistics wherever ``f`` runs without grad (see :func:`running_stats_without_grad`)."""
+        if module is not None:
+            f = running_stats_without_grad(f, module)
         return equilibrium(f, z0, forward=self.forward, backward=self.mode, tol=self.tol, max_iter=self.max_iter,
                            backward_options=self.backward_options, **self.solver_options)
+
+
+def running_stats_without_grad(f: Callable[[Tensor], Tensor], module: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``f`` with ``module``'s training-mode BatchNorm layers on their running statistics whenever grad is off.
+
+    Paper 000 puts BatchNorm in its DnCNN but does not say how it behaves inside the fixed-point solve. In
+    training mode it would normalise each solver iteration with the current iterates' batch statistics and
+    move the running averages at every iteration: T would change from one iteration to the next and a
+    sample's fixed point would depend on the rest of its batch. So the no-grad forward solve uses the
+    running statistics (one fixed map, each sample on its own), and only the differentiable application(s)
+    of ``f`` after it (JFB's one step; ``unroll_steps`` for unroll) use batch statistics and update the
+    running averages. In eval mode every BatchNorm uses running statistics anyway.
+    """
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return f
+
+    def g(z: Tensor) -> Tensor:
+        training = [m for m in bns if m.training]
+        if torch.is_grad_enabled() or not training:
+            return f(z)
+        for m in training:
+            m.eval()
+        try:
+            return f(z)
+        finally:
+            for m in training:
+                m.train()
+
+    return g
 
 
 def refuse_fixed_point_options(method: str, solver: Mapping[str, Any] | None, backward: Mapping[str, Any] | None,

@@ -45,5 +45,5 @@ class DEProx(FixedPointMethod):
         z0 = meas.init()
         eta = self.step_size(meas, z0)
         with fixed_weights(self):
-            x, stats = self.solve(lambda x: self.T(x, meas, eta), z0)
+            x, stats = self.solve(lambda x: self.T(x, meas, eta), z0, module=self)
         return Reconstruction(x, stats=stats)
