@@ -37,6 +37,24 @@ TINY_ANY_DATA = ["trainer=fast", "logger=none", "data.image_size=16", "data.batc
 TINY = TINY_ANY_DATA + ["data.dataset.train_samples=8", "data.dataset.eval_crops=4"]
 
 
+def picks_phantoms(task: str) -> bool:
+    """Whether the task config selects data=phantoms itself (the grayscale CT/MRI tasks)."""
+    return "data@_global_.data: phantoms" in (Path(CONF) / "task" / f"{task}.yaml").read_text()
+
+
+def for_task(overrides: list[str], task: str) -> list[str]:
+    """``overrides`` (TINY, ...) fitted to ``task=<task>``: the blur key only for the deblur tasks,
+    the natural-image keys swapped for the phantom ones where the task picks data=phantoms."""
+    out = [o for o in overrides if not o.startswith("task.")]
+    if task.startswith("deblur"):
+        out += [o for o in overrides if o.startswith("task.")]
+    if picks_phantoms(task):
+        out = [o for o in out if not o.startswith("data.dataset.")]
+        if any(o.startswith("data.dataset.") for o in overrides):
+            out += ["data.dataset.train_samples=8", "data.dataset.eval_samples=4"]
+    return out
+
+
 @pytest.fixture
 def tiny_overrides():
     return list(TINY)

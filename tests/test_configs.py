@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from conftest import CONF, TINY, TINY_ANY_DATA, compose_cfg
+from conftest import CONF, TINY, TINY_ANY_DATA, compose_cfg, for_task
 from jfb_ip.lit.run import train
 
 GROUPS = sorted(p.name for p in Path(CONF).iterdir() if p.is_dir())
@@ -41,6 +41,8 @@ def test_option_instantiates(group, option, tmp_path, image_folder, fake_celeba)
         base = [o for o in base if not o.startswith(("method.", "solver."))] + SHRINK[option]
     if (group, option) == ("solver", "none"):
         base = [o for o in base if not o.startswith("solver.")]
+    if group == "task":
+        base = for_task(base, option)
     cfg = compose_cfg("train", base + [f"{group}={option}"] + (extra if group == "data" else []), tmp_path)
     node = cfg[group]
     if (group, option) == ("trainer", "gpu") and not torch.cuda.is_available():
@@ -59,14 +61,15 @@ def test_option_instantiates(group, option, tmp_path, image_folder, fake_celeba)
         dm = hydra.utils.instantiate(node)
         dm.setup("fit"), dm.setup("test")
         x, idx = next(iter(dm.train_dataloader()))
-        assert x.shape[1:] == (3, 16, 16) and x.dtype.is_floating_point
+        assert x.shape[1:] == (1 if option == "phantoms" else 3, 16, 16) and x.dtype.is_floating_point
     elif group == "method":
         assert type(hydra.utils.instantiate(node, _convert_="all")).__name__ == EXPECTED_TYPE[group][option]
     elif group == "task":
         task = hydra.utils.instantiate(node)
-        x = torch.rand(2, 3, 16, 16)
+        x = torch.rand(2, cfg.data.channels, 16, 16)
         meas = task.sample(x, seeds=torch.arange(2))
-        assert meas.y.shape == x.shape and (meas.y - x).abs().mean() > 1e-3  # a real degradation
+        shown = meas.as_image()  # y, or the initializer where y is not an image (SR, MRI, CT)
+        assert shown.shape == x.shape and (shown - x).abs().mean() > 1e-3  # a real degradation
     else:
         trainer = hydra.utils.instantiate(node)
         assert type(trainer).__name__ == "Trainer" and trainer.max_steps == node.max_steps
@@ -121,6 +124,8 @@ def test_fast_dev_run_for_every_option(group, option, tmp_path, image_folder, fa
     base = TINY_ANY_DATA if group == "data" else TINY
     if group == "method":
         base = [o for o in base if not o.startswith(("method.", "solver."))] + SHRINK[option]
+    if group == "task":
+        base = for_task(base, option)
     extra = {"folder": [f"data.root={image_folder}", "data.num_workers=0"],
              "celeba": [f"data.root={fake_celeba}", "data.num_workers=0"]}.get(option, []) if group == "data" else []
     cfg = compose_cfg("train", base + [f"{group}={option}", "+trainer.fast_dev_run=true"] + extra, tmp_path)

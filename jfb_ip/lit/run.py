@@ -149,6 +149,28 @@ def check_run_config(cfg: DictConfig) -> None:
     grid = cfg.get("grid_images")
     if grid is not None and (not isinstance(grid, int) or grid < 1):
         raise ConfigError(f"grid_images must be an integer >= 1, got {grid!r}")
+    if cfg.get("task") and cfg.get("data"):
+        check_task_data(cfg)
+
+
+def check_task_data(cfg: DictConfig) -> None:
+    """``cfg.task``'s needs against ``cfg.data`` (channels, a size the operator accepts), as one
+    ConfigError naming the fix (``Task.check_data``), before any data is read or model built."""
+    task = instantiate_group(cfg, "task")
+    try:
+        task.check_data(int(cfg.data.channels), int(cfg.data.image_size))
+    except ValueError as e:
+        raise ConfigError(f"task={_choice('task') or task.name} {e}") from None
+
+
+def _choice(group: str) -> str | None:
+    """The option picked for a config group in this run (None outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get().runtime.choices.get(group)
+    except ValueError:
+        return None
 
 
 def _examples_png(module: ReconstructionModule, out_dir: Path, n: int) -> Path | None:
@@ -230,6 +252,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"the checkpoint's model takes data.channels={train_cfg.data.channels} but "
                           f"data.channels={data_cfg.channels} was given; drop the override or set "
                           f"data.channels={train_cfg.data.channels}")
+    check_task_data(OmegaConf.create({"task": train_cfg.task, "data": data_cfg}))
     datamodule = instantiate_group(OmegaConf.create({"data": data_cfg}), "data")
     datamodule.validate("test")
     module = build_module(OmegaConf.create({"method": train_cfg.method, "task": train_cfg.task,

@@ -47,6 +47,10 @@ def tikhonov(meas: Measurement, lam: Tensor | float, prior: str = "gradient", n_
 class Wiener(Method):
     """The Tikhonov/Wiener inverse (:func:`tikhonov`) as a method (``method=wiener``).
 
+    ``lam`` is relative to ||A||^2 = lambda_max(A^T A): :func:`tikhonov` gets ``lam * ||A||^2``
+    per sample, so one grid suits every operator (||A||^2 is 1 for a normalised blur, inpainting
+    and MRI, 1/f^2 for f-fold downsampling, hundreds for CT sinograms).
+
     ``lam`` is tuned on validation data: every validation batch scores each value of
     ``lambda_grid`` (:meth:`calibrate_update`), :meth:`calibrate_end` keeps the best; the
     chosen value and the ``tuned`` flag are buffers, so they travel in the checkpoint. Never
@@ -75,7 +79,11 @@ class Wiener(Method):
         self._scores: Tensor | None = None
 
     def forward(self, meas: Measurement) -> Reconstruction:
-        return Reconstruction(tikhonov(meas, self.lam.to(meas.y.dtype), self.prior))
+        return Reconstruction(self.solve(meas, self.lam.to(meas.y.dtype)))
+
+    def solve(self, meas: Measurement, lam) -> Tensor:
+        """:func:`tikhonov` with the weight ``lam`` relative to ||A||^2 (per sample)."""
+        return tikhonov(meas, lam * meas.lambda_max(), self.prior)
 
     # ---- tuning on validation data (called by the LightningModule)
     def calibrate_start(self) -> None:
@@ -86,7 +94,7 @@ class Wiener(Method):
         if self._scores is None:
             self.calibrate_start()
         for i, lam in enumerate(self.lambda_grid):
-            self._scores[i] += score(tikhonov(meas, lam, self.prior), x).sum().double().cpu()
+            self._scores[i] += score(self.solve(meas, lam), x).sum().double().cpu()
 
     def calibrate_end(self, scores: Tensor | None = None) -> None:
         """Keep the best lambda; ``scores`` may be the all-process sum (DDP) of the local ones."""

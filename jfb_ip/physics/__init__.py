@@ -7,7 +7,8 @@ from .measurement import Measurement
 from .mri import MRI
 from .noise import gaussian_noise, randn_like
 from .operator import LinearOperator, laplacian
-from .tasks import Deblur, Task
+from .tasks import Deblur, Inpaint, ParallelBeamCT, SingleCoilMRI, SuperResolution, Task
 
 __all__ = ["GaussianBlur", "Inpainting", "Downsampling", "MRI", "CT", "LinearOperator", "Measurement", "Task",
-           "Deblur", "gaussian_noise", "randn_like", "laplacian"]
+           "Deblur", "Inpaint", "SuperResolution", "SingleCoilMRI", "ParallelBeamCT", "gaussian_noise", "randn_like",
+           "laplacian"]
