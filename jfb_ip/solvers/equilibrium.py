@@ -51,7 +51,7 @@ def equilibrium(f: Callable[[Tensor], Tensor], z0: Tensor, forward: str = "ander
             phantom: phantom_k, phantom_damping). An option set to None takes its default: for
             ``backward_tol``/``backward_max_iter`` the forward ``tol``/``max_iter`` (their only
             default), for the others the mode function's. An option the mode does not take is an error.
-        **forward_options: the forward solver's own options (Anderson: m, lam, beta; Broyden:
+        **forward_options: the forward solver's own options (Anderson: m, lam, beta, scale_lam; Broyden:
             memory; all: bound). An option the solver does not take is an error.
 
     Returns:
