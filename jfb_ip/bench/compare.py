@@ -29,6 +29,7 @@ CPU_SCALE = {
     "lu_dncnn": ["method.stages=4", "method.net.depth=8", "method.net.width=32"],
     "luser_sw": ["method.stages=4"],
     "luser_dw": ["method.stages=4"],
+    "luser_dw_implicit": ["method.stages=4"],
 }
 
 # name -> overrides; the rest of the budget is shared (see main)
@@ -36,6 +37,7 @@ RUNS = {
     "lu_dncnn": ["method=lu_dncnn"],
     "luser_sw": ["method=luser_sw"],
     "luser_dw": ["method=luser_dw"],
+    "luser_dw_implicit": ["method=luser_dw", "backward=implicit"],  # LUSER's backward mode, measured (issue 14)
     "degrad_jfb": ["method=degrad", "backward=jfb"],
     "degrad_implicit": ["method=degrad", "backward=implicit"],
 }
