@@ -19,6 +19,10 @@ def randn_like(x: Tensor, generator: torch.Generator | None = None, seeds: Tenso
     return out
 
 
-def gaussian_noise(y: Tensor, sigma: Tensor, generator=None, seeds=None) -> Tensor:
-    """y + sigma * n, with sigma per sample (B,)."""
-    return y + per_sample(sigma, y) * randn_like(y, generator, seeds)
+def gaussian_noise(y: Tensor, sigma: Tensor, generator=None, seeds=None, support: Tensor | None = None) -> Tensor:
+    """y + sigma * n, with sigma per sample (B,); ``support`` (broadcast to y): 0 where y is not measured
+    (a dropped pixel, an unsampled k-space column), so no noise lands there."""
+    noise = randn_like(y, generator, seeds)
+    if support is not None:
+        noise = noise * support.to(device=y.device, dtype=y.dtype)
+    return y + per_sample(sigma, y) * noise

@@ -13,14 +13,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..solvers.linear import per_sample
 from .blur import GaussianBlur
 from .ct import CT
 from .downsampling import FILTERS, Downsampling
 from .inpainting import Inpainting
 from .measurement import Measurement
 from .mri import MRI
-from .noise import randn_like
+from .noise import gaussian_noise
 
 # mixes a sample's seed into the seed of its operator draws (masks, ...), away from its noise seed
 _OPERATOR_STREAM = 0x9E3779B97F4A7C15
@@ -28,7 +27,7 @@ _OPERATOR_STREAM = 0x9E3779B97F4A7C15
 
 def operator_generators(seeds: Tensor, device) -> list[torch.Generator]:
     """One generator per sample for the operator's random draws, seeded from the sample's seed
-    but on a stream of its own (the noise uses the seed itself, see :func:`randn_like`)."""
+    but on a stream of its own (the noise uses the seed itself, see :func:`~jfb_ip.physics.noise.randn_like`)."""
     return [torch.Generator(device=device).manual_seed((int(s) * 0x2545F4914F6CDD1D + _OPERATOR_STREAM) % 2**63)
             for s in seeds.tolist()]
 
@@ -92,13 +91,8 @@ class Task:
     def sample(self, x: Tensor, generator: torch.Generator | None = None, seeds: Tensor | None = None) -> Measurement:
         self.check_input(x)
         physics = self.operator(x, generator, seeds)
-        clean = physics.A(x)
         sigma = torch.full((x.shape[0],), self.noise_sigma(x), device=x.device, dtype=x.dtype)
-        noise = randn_like(clean, generator, seeds)
-        support = self.noise_support(physics)
-        if support is not None:
-            noise = noise * support.to(device=x.device, dtype=x.dtype)
-        y = clean + per_sample(sigma, clean) * noise
+        y = gaussian_noise(physics.A(x), sigma, generator, seeds, self.noise_support(physics))
         return Measurement(y=y, physics=physics, sigma=sigma, x_shape=x.shape)
 
 
