@@ -64,9 +64,7 @@ def _test_batch(data_cfg, module: ReconstructionModule, n: int):
     ds = dm.test_dataloader().dataset
     n = min(n, len(ds))
     x = torch.stack([ds[i][0] for i in range(n)])
-    idx = torch.arange(n)
-    seeds = idx + module.seed + module.SPLIT_OFFSET["test"]
-    return x, module.task.sample(x, seeds=seeds)
+    return x, module.seeded_measurement(x, torch.arange(n), "test")
 
 
 def _row(summary: dict, lipschitz: dict) -> dict:

@@ -139,8 +139,12 @@ class ReconstructionModule(L.LightningModule):
         if trainer is not None and trainer.training and not self.hparams.fixed_train_noise:
             return x, self.task.sample(x), idx
         split = "test" if trainer is not None and trainer.testing else "val"
-        seeds = idx.to("cpu") + self.seed + self.SPLIT_OFFSET[split]
-        return x, self.task.sample(x, seeds=seeds), idx
+        return x, self.seeded_measurement(x, idx, split), idx
+
+    def seeded_measurement(self, x: Tensor, idx: Tensor, split: str):
+        """The measurement of images ``idx`` of the val/test split: noise seeded per image, the same
+        whatever the batch (benchmarks use it to see exactly the test split's measurements)."""
+        return self.task.sample(x, seeds=idx.to("cpu") + self.seed + self.SPLIT_OFFSET[split])
 
     def _log_stats(self, split: str, stats: SolverStats | None, batch_size: int, **kw) -> None:
         if stats is None:
