@@ -30,7 +30,8 @@ EXPECTED_TYPE = {"method": {"degrad": "DEGRAD", "deprox": "DEProx", "lu_dncnn": 
                             "luser_dw": "LUSER", "wiener": "Wiener", "denoiser": "Denoiser", "pnp_admm": "PnPADMM",
                             "mtdeq": "MTDEQ", "tv": "TV"},
                  "logger": {"wandb": ["WandbLogger"], "csv": ["CSVLogger"], "none": []},
-                 "callbacks": {"default": ["ModelCheckpoint", "OnExceptionCheckpoint"], "none": []}}
+                 "callbacks": {"default": ["KeepingOnExceptionCheckpoint", "ModelCheckpoint", "ModelCheckpoint"],
+                               "none": []}}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in ("method", "task", "solver", "backward", "trainer",

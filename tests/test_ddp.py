@@ -142,7 +142,7 @@ class _Step(torch.nn.Module):
         self.module = module
 
     def forward(self, batch):
-        return self.module.training_step(batch, 0)
+        return self.module.training_loss(batch)
 
 
 def _diverged_batch_worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -160,12 +160,12 @@ def _diverged_batch_worker(rank: int, init_file: str, out_dir: str) -> None:
     bad = torch.full_like(x, float("nan"))
     batch = lambda images: (images, module.seeded_measurement(images, idx, "val"), idx)  # noqa: E731
     alone = copy.deepcopy(module)  # rank 1's own gradient, without DDP
-    alone.training_step(batch(x), 0).backward()
+    alone.training_loss(batch(x)).backward()
     ddp = torch.nn.parallel.DistributedDataParallel(_Step(module))
     ddp(batch(bad if rank == 0 else x)).backward()  # must not hang: rank 0 joins the all-reduce with a zero loss
     out = {"grads": [p.grad.clone() for p in module.method.parameters()],
            "alone": [p.grad.clone() for p in alone.method.parameters()], "skipped": module.skipped_samples}
-    out["none"] = module.training_step(batch(bad), 1) is None  # all processes diverged: all skip the step
+    out["none"] = module.training_loss(batch(bad)) is None  # all processes diverged: all skip the step
     out["skipped_after"], out["in_a_row"] = module.skipped_samples, module._skipped_in_a_row
     torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()

@@ -44,7 +44,7 @@ def _batch(module, bright=(), n=4):
 def test_diverged_samples_are_skipped_and_do_not_touch_the_gradient():
     module = _module()
     x, meas, idx = _batch(module, bright=[1])
-    loss = module.training_step((x, meas, idx), 0)
+    loss = module.training_loss((x, meas, idx))
     assert torch.isfinite(loss) and module.skipped_samples == 1
     loss.backward()
     g_skip = module.method.w.grad.clone()
@@ -53,19 +53,19 @@ def test_diverged_samples_are_skipped_and_do_not_touch_the_gradient():
     clean = _module()
     keep = torch.tensor([0, 2, 3])
     meas_keep = clean.task.sample(x[keep], seeds=keep)
-    clean.training_step((x[keep], meas_keep, keep), 0).backward()
+    clean.training_loss((x[keep], meas_keep, keep)).backward()
     assert torch.allclose(g_skip, clean.method.w.grad)
 
 
 def test_a_batch_that_all_diverges_takes_no_step_and_many_stop_training():
     module = _module()
     batch = _batch(module, bright=[0, 1, 2, 3])
-    assert module.training_step(batch, 0) is None
+    assert module.training_loss(batch) is None
     assert module.skipped_samples == 4
     assert module.method.w.grad is None
-    module.training_step(batch, 1)
+    module.training_loss(batch)
     with pytest.raises(TrainingDiverged, match="lower the learning rate"):
-        module.training_step(batch, 2)
+        module.training_loss(batch)
 
 
 def test_aux_loss_is_the_sum_of_the_stage_losses():

@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .images import DatasetError, check_channels, check_int
+from .sampling import ResumableSampler, SeededItems
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +30,17 @@ class ImageDataModule(L.LightningDataModule):
             takes no ``root`` (the embedded natural images) refuses it.
         image_size (>= 1), channels (1 or 3): passed to every split.
         batch_size, eval_batch_size (>= 1; eval defaults to batch_size), num_workers (>= 0): loader settings.
+        seed: the training order and crops are functions of (seed, epoch, position)
+            (:mod:`jfb_ip.data.sampling`); the checkpoint holds where the epoch stood, so a resumed run continues
+            with the very batches an uninterrupted one would train on.
 
     Bad values raise DatasetError (a ValueError) naming the ``data.*`` key at construction;
     :meth:`validate` checks the files of the splits a stage needs before training starts.
     """
 
     def __init__(self, dataset: Callable[..., Dataset], root: str | None = None, image_size: int = 48,
-                 channels: int = 3, batch_size: int = 16, eval_batch_size: int | None = None, num_workers: int = 0):
+                 channels: int = 3, batch_size: int = 16, eval_batch_size: int | None = None, num_workers: int = 0,
+                 seed: int = 0):
         super().__init__()
         if not callable(dataset):
             raise DatasetError(f"data.dataset must be a dataset class with _partial_: true, got {dataset!r}")
@@ -53,7 +58,10 @@ class ImageDataModule(L.LightningDataModule):
                     "data.root=<dir> with <dir>/train, <dir>/val, <dir>/test") if name == "NaturalImages" else ""
             raise DatasetError(f"data.root={root!r} is given but {name} takes no root{hint}; drop data.root")
         self.root = root
+        self.seed = int(seed)
         self._splits: dict[str, Dataset] = {}
+        self._resume: dict[str, int] | None = None
+        self._train_sampler: ResumableSampler | None = None
 
     def split(self, name: str) -> Dataset:
         if name not in self._splits:
@@ -102,22 +110,44 @@ class ImageDataModule(L.LightningDataModule):
         if stage in ("test", None):
             self.split("test")
 
-    def _loader(self, name: str, shuffle: bool, batch_size: int) -> DataLoader:
+    def _loader(self, name: str, batch_size: int) -> DataLoader:
         ds = self.split(name)
         trainer = self.trainer
-        sampler = None if shuffle or trainer is None else eval_sampler(ds, trainer.world_size, trainer.global_rank)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        if name != "train":
+            return DataLoader(ds, batch_size=batch_size, num_workers=self.num_workers,
+                              sampler=eval_sampler(ds, world, rank), persistent_workers=self.num_workers > 0)
+        sampler = self._train_sampler = ResumableSampler(ds, self.seed, num_replicas=world, rank=rank)
+        if self._resume is not None:
+            sampler.resume_at(self._resume["epoch"], self._resume["batches"] * batch_size)
+            self._resume = None
         # drop a ragged last training batch, unless that would leave no batch at all
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers, sampler=sampler,
-                          drop_last=shuffle and len(ds) > batch_size, persistent_workers=self.num_workers > 0)
+        return DataLoader(SeededItems(ds), batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
+                          drop_last=len(sampler) > batch_size, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.batch_size)
+        return self._loader("train", self.batch_size)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the training epoch stands, saved in every checkpoint: the epoch and the batches of it trained on
+        (Lightning's count of processed batches; the current one included when the checkpoint is written at its
+        end)."""
+        trainer, sampler = self.trainer, self._train_sampler
+        if trainer is None or sampler is None:
+            return {}
+        # the sampler's epoch, not trainer.current_epoch: after an epoch's last batch Lightning already counts the
+        # next epoch while the batch count is still the finished one's
+        return {"epoch": sampler.epoch, "batches": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if state_dict:
+            self._resume = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False, self.eval_batch_size)
+        return self._loader("val", self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False, self.eval_batch_size)
+        return self._loader("test", self.eval_batch_size)
 
 
 def _takes(fn: Callable, param: str) -> bool:

@@ -1,6 +1,7 @@
 """The one LightningModule that trains, validates and tests every method: loss, metrics, logs."""
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import resource
@@ -19,6 +20,8 @@ from ..methods import CalibratedMethod, Method, Reconstruction, Wiener
 from ..nets import count_parameters
 from ..physics import Task
 from ..solvers import SolverStats
+from ..data.sampling import derived_seed
+from .checkpointing import rng_state, set_rng_state
 from .distributed import PerImage, distributed, gather_cat, gather_solver_stats, sum_over_processes
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,9 @@ class ReconstructionModule(L.LightningModule):
             stops with an error (they take no optimizer step).
         fixed_train_noise: seed the training noise per sample index, like validation's, so a
             repeated batch is the same measurement each step (``debug=overfit``).
+        gradient_clip_val: clip the gradient norm to this (None: no clipping). Training uses Lightning's manual
+            optimization, so that a batch in which every sample diverged takes no step at all (neither
+            ``global_step`` nor the schedule moves); Lightning's ``trainer.gradient_clip_val`` does not apply then.
         run_config: the resolved run config, stored in the checkpoint.
     """
 
@@ -102,7 +108,8 @@ class ReconstructionModule(L.LightningModule):
     def __init__(self, method: Method, task: Task, optimizer: Callable | None = None,
                  scheduler: Callable | None = None, loss: nn.Module | None = None, seed: int = 0,
                  wiener_prior: str = "gradient", image_log_every_n_epochs: int = 1, max_skipped_batches: int = 20,
-                 fixed_train_noise: bool = False, run_config: dict | None = None):
+                 fixed_train_noise: bool = False, gradient_clip_val: float | None = None,
+                 run_config: dict | None = None):
         super().__init__()
         # run_config (the resolved Hydra config) travels in the checkpoint so evaluate.py can rebuild the model
         # logger=False: run.py logs the full resolved run config (these keys included) to the loggers itself
@@ -117,8 +124,10 @@ class ReconstructionModule(L.LightningModule):
         # one PSNR/SSIM pair per intermediate stage of unrolled methods (the last stage is val/psnr)
         self.stage_metrics = nn.ModuleList(
             [self.val_metrics.clone(prefix=f"val/stage{k + 1}_") for k in range(method.n_stages - 1)])
+        self.automatic_optimization = False  # see gradient_clip_val
         self.skipped_samples = 0
         self._skipped_in_a_row = 0
+        self._train_batches = 0  # training batches made so far (all epochs): the key of each step's random stream
         self.test_results: dict[str, Any] = {}
         self.test_examples = None
         self.n_examples = 8  # test images kept for the examples grid (run.py sets grid_images)
@@ -153,6 +162,10 @@ class ReconstructionModule(L.LightningModule):
             # mean over the N problems; problem j of image i gets index i*N + j (distinct seeds with fixed noise)
             x, idx = x.repeat_interleave(n, 0), idx.repeat_interleave(n, 0) * n + torch.arange(n).repeat(len(idx)).to(idx)
         if trainer is not None and trainer.training and not self.hparams.fixed_train_noise:
+            # every random draw of this training step (its noise, operators, any in the method) comes from a stream
+            # keyed by (seed, process, batch number): a run resumed from a checkpoint repeats them exactly
+            torch.manual_seed(derived_seed(self.seed, trainer.global_rank, self._train_batches))
+            self._train_batches += 1
             return x, self.task.sample(x), idx
         split = "test" if trainer is not None and trainer.testing else "val"
         return x, self.seeded_measurement(x, idx, split), idx
@@ -188,7 +201,26 @@ class ReconstructionModule(L.LightningModule):
             torch.cuda.reset_peak_memory_stats(self.device)
         self._step_t0 = time.perf_counter()
 
-    def training_step(self, batch, batch_idx: int):
+    def training_step(self, batch, batch_idx: int) -> Tensor | None:
+        """One optimizer step on the loss of :meth:`training_loss`; none (no ``global_step``, no schedule step)
+        when every sample of the batch diverged."""
+        loss = self.training_loss(batch)
+        if loss is None:
+            return None
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        if self.hparams.gradient_clip_val is not None:
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip_val, gradient_clip_algorithm="norm")
+        opt.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        return loss.detach()
+
+    def training_loss(self, batch) -> Tensor | None:
+        """The training loss over the samples whose solve stayed finite, or None when all diverged (on every
+        process, under DDP)."""
         x, meas, _ = batch
         rec = self.method(meas)
         stats = rec.stats
@@ -214,7 +246,7 @@ class ReconstructionModule(L.LightningModule):
                     f"beyond solver.bound): lower the learning rate (module.optimizer.lr), or make the fixed-point "
                     f"map contractive (method.net.gamma < 1 with spectral_norm, a smaller step)")
             self._train_rec = None
-            return None  # Lightning skips the optimizer step: nothing finite to learn from
+            return None  # no optimizer step: nothing finite to learn from
         self._skipped_in_a_row = 0
         if n_bad == x.shape[0]:  # only this process's samples all diverged: a zero loss keeps DDP's all-reduce in step
             self._train_rec = None
@@ -361,6 +393,8 @@ class ReconstructionModule(L.LightningModule):
                             for name in self.TEST_ROWS}
         res["wiener_lambda"] = float(self.wiener.lam)
         res["wiener_lambda_tuned_on_val"] = bool(self.wiener.tuned)
+        if isinstance(self.method, CalibratedMethod):  # TV, PnP-ADMM: the weight tested (e.g. reused for another prior)
+            res["method_lambda"], res["method_lambda_tuned_on_val"] = float(self.method.lam), bool(self.method.tuned)
         stats = gather_solver_stats(self._test_stats)
         if stats:
             res["solver"] = solver_block(stats)
@@ -393,12 +427,46 @@ class ReconstructionModule(L.LightningModule):
                         "equilibrium there; raise solver.max_iter, loosen solver.tol, or try solver=broyden / "
                         "solver.m / solver.beta < 1", 100 * capped)
 
+    # the run state beside the weights that Lightning does not keep: exact resume (README "Faults and resume")
+    RUN_STATE_KEY = "jfb_ip_run_state"
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[self.RUN_STATE_KEY] = {"skipped_samples": self.skipped_samples,
+                                          "skipped_in_a_row": self._skipped_in_a_row,
+                                          "train_batches": self._train_batches, "rng": rng_state()}
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get(self.RUN_STATE_KEY)
+        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
+        if state is not None and fitting:  # resuming a training run (evaluate.py only needs the weights)
+            self.skipped_samples, self._skipped_in_a_row = state["skipped_samples"], state["skipped_in_a_row"]
+            self._train_batches = state["train_batches"]
+            set_rng_state(state["rng"])
+        self._schedule_from_config(checkpoint)
         sd = checkpoint["state_dict"]
         # checkpoints written before the Wiener row became a method still load
         if "wiener_tuned" in sd:
             sd["wiener.tuned"] = sd.pop("wiener_tuned")
         sd.setdefault("wiener.tuned", torch.tensor(False))
+
+    def _schedule_from_config(self, checkpoint: dict) -> None:
+        """Resuming takes the schedule's shape from this run's config, its position from the checkpoint.
+
+        A scheduler's state dict holds its constructor arguments (``T_max``, ``eta_min``, ...), which Lightning would
+        restore over the config's: a run resumed with a larger ``trainer.max_steps`` would keep the first run's
+        ``T_max`` and restart the learning rate. Those arguments are replaced by this config's here."""
+        saved = checkpoint.get("lr_schedulers") or []
+        if self.scheduler_fn is None or len(saved) != 1:
+            return
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        fresh = self.scheduler_fn(optimizer=probe)
+        args = set(inspect.signature(type(fresh).__init__).parameters) - {"self", "optimizer", "last_epoch", "verbose"}
+        changed = {k: (saved[0][k], v) for k, v in fresh.state_dict().items()
+                   if k in args and k in saved[0] and saved[0][k] != v}
+        for k, (old, new) in changed.items():
+            saved[0][k] = new
+            log.warning("resuming with scheduler %s=%s from this run's config (the checkpoint's run had %s)", k, new,
+                        old)
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):

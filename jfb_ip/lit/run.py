@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from .. import config_dir
 from ..checkpoint import StateMismatch, UnreadableCheckpoint, load_state, read_weights_only
 from ..data import DatasetError
+from .checkpointing import AtomicCheckpointIO
 from .module import ReconstructionModule, TrainingDiverged
 from .speed import apply_speed_switches
 
@@ -145,7 +146,8 @@ def load_weights(module: ReconstructionModule, ckpt: dict[str, Any], path) -> No
 
 
 def _trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
-    trainer = instantiate_group(cfg, "trainer", callbacks=callbacks, logger=loggers or False)
+    trainer = instantiate_group(cfg, "trainer", callbacks=callbacks, logger=loggers or False,
+                                plugins=[AtomicCheckpointIO()])
     check_launch(trainer, _hydra_mode_and_direction()[0])
     return trainer
 
@@ -180,9 +182,25 @@ def check_run_config(cfg: DictConfig) -> None:
         raise ConfigError(f"grid_images must be an integer >= 1, got {grid!r}")
     if cfg.get("task") and cfg.get("data"):
         check_task_data(cfg)
+    if (cfg.get("trainer") or {}).get("gradient_clip_val") is not None:
+        raise ConfigError(f"trainer.gradient_clip_val={cfg.trainer.gradient_clip_val} is not available (training uses "
+                          f"Lightning's manual optimization so that a batch whose every sample diverged takes no "
+                          f"step): set module.gradient_clip_val={cfg.trainer.gradient_clip_val} instead")
     metric = cfg.get("optimized_metric")
     if metric is not None and not (isinstance(metric, str) and metric.startswith("val/")):
         raise ConfigError(f"optimized_metric must name a validation metric such as val/psnr or val/ssim, got {metric!r}")
+
+
+def check_fresh_run_dir(out_dir: Path) -> None:
+    """Resuming is an explicit choice (``ckpt_path=``), never a surprise. Lightning, given an on-exception callback
+    and no ``ckpt_path``, would resume the newest checkpoint it finds in the run directory; a new run there could also
+    overwrite an earlier run's checkpoints. A run directory that already holds checkpoints is refused."""
+    found = sorted(p.name for p in (out_dir / "checkpoints").glob("*.ckpt"))
+    if found:
+        resume = out_dir / "checkpoints" / ("last.ckpt" if "last.ckpt" in found else found[-1])
+        raise ConfigError(f"the run directory {out_dir} already holds checkpoints of an earlier run ({', '.join(found)}):"
+                          f" resume it with ckpt_path={resume}, or start a new run in another directory (the default "
+                          f"hydra.run.dir is new for every run)")
 
 
 def check_task_data(cfg: DictConfig) -> None:
@@ -228,6 +246,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_config = OmegaConf.to_container(cfg, resolve=True)
     if cfg.get("ckpt_path"):
         load_checkpoint(cfg.ckpt_path)  # readable and safe before Lightning touches it
+    elif cfg.get("train", True):
+        check_fresh_run_dir(out_dir)
     datamodule = instantiate_group(cfg, "data")
     datamodule.validate("fit" if cfg.get("train", True) else "test")  # a missing split fails now, not after training
     module = build_module(cfg, run_config)
@@ -240,9 +260,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("%s has nothing to train: tuning on the validation split only", type(module.method).__name__)
         trainer.validate(module, datamodule=datamodule, verbose=False)
     elif cfg.get("train", True):
-        if not cfg.get("ckpt_path") and last.is_file():
-            # Lightning resumes a run directory's last.ckpt on its own (fault tolerance); say so
-            log.warning("resuming from %s (this run directory already holds it)", last)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         fit_s = time.perf_counter() - t0
         if trainer.interrupted:
@@ -339,7 +356,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     train_cfg = OmegaConf.create(ckpt["hyper_parameters"]["run_config"])
     L.seed_everything(cfg.seed, workers=True)
-    data_cfg = cfg.data if cfg.get("data") else train_cfg.data
+    # resolved here: interpolations such as data.seed=${seed} point outside the data group
+    data_cfg = OmegaConf.create(OmegaConf.to_container(cfg.data if cfg.get("data") else train_cfg.data, resolve=True))
     if int(data_cfg.channels) != int(train_cfg.data.channels):
         raise ConfigError(f"the checkpoint's model takes data.channels={train_cfg.data.channels} but "
                           f"data.channels={data_cfg.channels} was given; drop the override or set "

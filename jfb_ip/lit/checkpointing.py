@@ -1,0 +1,89 @@
+"""Checkpoints that survive a kill: atomic writes, an on-exception checkpoint that never replaces an earlier one, and
+the run state Lightning does not save itself (global RNG streams), in the forms ``torch.load(weights_only=True)``
+reads back."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+
+# ModelCheckpoint warns, under manual optimization, that a periodic checkpoint holds the weights after the step: that
+# is the state a resumed run continues from (global_step counts that step), so the warning is silenced
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` with an atomic write: the checkpoint goes to a hidden temporary file in the
+    same directory, is flushed to disk, then renamed over ``path`` (``os.replace`` is atomic on POSIX). A process
+    killed while writing leaves the previous ``last.ckpt`` in place, never a truncated one (Lightning's own
+    ``_atomic_save`` serialises to memory first but then truncates and rewrites the target file)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class KeepingOnExceptionCheckpoint(Checkpoint):
+    """Saves the training state when an exception (a crash, Ctrl-C) stops ``fit``; never overwrites an earlier one.
+
+    Lightning's ``OnExceptionCheckpoint`` writes ``<dirpath>/on_exception.ckpt`` over whatever is there, deletes it
+    at teardown, and makes a later ``fit`` without ``ckpt_path`` resume the newest checkpoint of the directory on its
+    own. Here an existing file is kept and the new state goes to ``on_exception-v1.ckpt``, ``on_exception-v2.ckpt``,
+    ...; the path written is logged and kept in :attr:`saved_path`; resuming is only ever ``ckpt_path=``."""
+
+    def __init__(self, dirpath, filename: str = "on_exception") -> None:
+        if not filename:
+            raise ValueError("KeepingOnExceptionCheckpoint: the filename cannot be empty")
+        super().__init__()
+        self.dirpath, self.filename = str(dirpath), filename
+        self.saved_path: str | None = None
+
+    def _free_path(self) -> str:
+        path, n = os.path.join(self.dirpath, f"{self.filename}.ckpt"), 0
+        while os.path.exists(path):
+            n += 1
+            path = os.path.join(self.dirpath, f"{self.filename}-v{n}.ckpt")
+        return path
+
+    def on_exception(self, trainer, *_: Any, **__: Any) -> None:
+        path = self._free_path()
+        trainer.save_checkpoint(path)
+        self.saved_path = path
+        log.warning("training stopped at step %d by an exception; its state is in %s (resume: ckpt_path=%s)",
+                    trainer.global_step, path, path)
+
+
+def rng_state() -> dict[str, Any]:
+    """The global torch (CPU and CUDA) and Python RNG states, in types ``weights_only`` loading accepts (Lightning's
+    ``_collect_rng_states`` holds numpy arrays, which it refuses); numpy's global RNG is not used in training."""
+    return {"torch": torch.get_rng_state(),
+            "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("torch.cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["torch.cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
