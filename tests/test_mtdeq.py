@@ -169,3 +169,28 @@ def test_mtdeq_fast_dev_run_on_multitask(backward, tmp_path):
     test = out["test"]
     assert test["n_images"] == 4 and all(math.isfinite(v) for v in test["per_image"]["model"]["psnr"])
     assert test["solver"]["n_samples"] == 4
+
+
+def test_bench_multitask_end_to_end(tmp_path, monkeypatch):
+    """python -m jfb_ip.bench.multitask on a tiny budget and two tasks: every row, the JSON, the PNG, and the two
+    priors under identical PnP hyper-parameters (the schedule and lam chosen for the Gaussian prior)."""
+    import json
+
+    from jfb_ip.bench import multitask as bench
+
+    tiny = {**bench.QUICK, "denoiser_steps": 3, "mtdeq_steps": 2, "train_size": 24, "test_size": 24, "batch": 2,
+            "mtdeq_batch": 1, "problems": 2, "eval_crops": 2, "fb_rows": True, "fb_max_iter": 5, "lam_search": True,
+            "net": ["method.net.features=[8,16]", "method.net.blocks=1"], "pnp_schedules": [(2, None), (3, 0.03)]}
+    monkeypatch.setattr(bench, "QUICK", tiny)
+    monkeypatch.setattr(bench, "TASKS", {k: bench.TASKS[k] for k in ("comp80", "sr3_n.01")})
+    out = bench.main(["--quick", "--out", str(tmp_path), "data.dataset.train_samples=4"])
+    rows = json.loads((tmp_path / "multitask.json").read_text())["rows"]
+    assert rows == json.loads(json.dumps(out["rows"]))
+    assert (tmp_path / "multitask.png").is_file()
+    for task in ("comp80", "sr3_n.01"):
+        got = {r["method"]: r for r in rows if r["task"] == task}
+        assert {"measurement", "tv", "pnp_gauss", "pnp_mtdeq", "fb_gauss", "fb_mtdeq", "mtdeq_minus_gauss"} <= set(got)
+        assert all(math.isfinite(r["psnr"]) for r in got.values())
+        gauss, mt = got["pnp_gauss"], got["pnp_mtdeq"]
+        assert gauss["schedule"] == mt["schedule"] and gauss["lambda"] == mt["lambda"]
+        assert got["mtdeq_minus_gauss"]["psnr"] == pytest.approx(mt["psnr"] - gauss["psnr"])
