@@ -4,9 +4,10 @@ PNG plots.
 Every directory holding a ``metrics.json`` and a ``.hydra/`` folder (at or below the given paths) is one run. Runs that
 differ only by ``seed`` form one row (mean +- standard deviation over the seeds); the row's *setting* lists the
 overrides that vary across the runs besides method, task, backward and seed (an lr sweep shows its lr). Columns: test
-PSNR/SSIM of the model (and the Wiener reference's PSNR), median training step time, peak memory, mean forward and
-backward solver iterations per training step, and the run's wall time, all read from ``metrics.json`` (``train.py``
-writes them). A failed job (``"error"`` in its ``metrics.json``) is listed under the table with its error.
+PSNR/SSIM of the model (and the measurement's and the Wiener reference's PSNR), the test solves' converged fraction
+and mean iterations, the local Lipschitz constants of N and T at the last validation (DE-GRAD), median training step
+time, peak memory, mean forward and backward solver iterations per training step, and the run's wall time, all read
+from ``metrics.json`` (``train.py`` writes them); a column no run has a value for is left out. A failed job (``"error"`` in its ``metrics.json``) is listed under the table with its error.
 
 Writes ``report.md`` (the table, the command that made it), ``report.json`` (the rows), ``psnr_by_method.png`` and
 ``cost_vs_accuracy.png`` (test PSNR against step time and against peak memory: the price of each backward mode) into
@@ -91,6 +92,7 @@ FIELDS = {
     "fwd_iters": ("train", "fwd_iters_mean"), "bwd_iters": ("train", "bwd_iters_mean"),
     "test_fwd_iters": ("test", "solver", "fwd_iters_mean"),
     "converged_fraction": ("test", "solver", "converged_fraction"),
+    "lipschitz_net": ("val", "val/solver/lipschitz_net_mean"), "lipschitz_T": ("val", "val/solver/lipschitz_T_mean"),
     "steps": ("train", "steps"), "wall_time_s": ("wall_time_s",),
 }
 
@@ -129,17 +131,24 @@ def _fmt(row: dict[str, Any], name: str, spec: str, scale: float = 1.0) -> str:
 
 
 COLUMNS = [("method", None), ("task", None), ("backward", None), ("setting", None), ("seeds", None),
-           ("PSNR [dB]", ("psnr", ".2f")), ("SSIM", ("ssim", ".4f")), ("Wiener PSNR", ("wiener_psnr", ".2f")),
+           ("PSNR [dB]", ("psnr", ".2f")), ("SSIM", ("ssim", ".4f")), ("measurement PSNR", ("measurement_psnr", ".2f")),
+           ("Wiener PSNR", ("wiener_psnr", ".2f")), ("converged", ("converged_fraction", ".2f")),
+           ("test fwd iters", ("test_fwd_iters", ".1f")), ("Lip(N)", ("lipschitz_net", ".3f")),
+           ("Lip(T)", ("lipschitz_T", ".3f")),
            ("step time [s]", ("step_time_s", ".3f")), ("peak memory [MiB]", ("peak_memory_bytes", ".0f")),
            ("fwd iters", ("fwd_iters", ".1f")), ("bwd iters", ("bwd_iters", ".1f")),
            ("steps", ("steps", ".0f")), ("wall time [s]", ("wall_time_s", ".1f"))]
+# shown only when some run has a value (a sweep of methods without a fixed point or a Lipschitz log stays narrow)
+OPTIONAL = {"converged", "test fwd iters", "Lip(N)", "Lip(T)", "bwd iters"}
 
 
 def markdown(rows: list[dict[str, Any]], failed: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(c for c, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    columns = [(c, spec) for c, spec in COLUMNS
+               if c not in OPTIONAL or any(r.get(spec[0]) is not None for r in rows)]
+    lines = ["| " + " | ".join(c for c, _ in columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         cells = []
-        for col, spec in COLUMNS:
+        for col, spec in columns:
             if spec is None:
                 v = r[col]
                 cells.append(",".join(map(str, v)) if isinstance(v, list) else (str(v) if v not in (None, "") else "-"))
@@ -150,7 +159,10 @@ def markdown(rows: list[dict[str, Any]], failed: list[dict[str, Any]]) -> str:
     measures = sorted({r["memory_measure"] for r in rows if r.get("memory_measure")})
     notes = ["", "PSNR/SSIM: the model on the seeded test split (mean ± std over seeds where there are several); step "
              "time: median over training steps; fwd/bwd iters: mean solver iterations per training step (bwd: "
-             "implicit/neumann modes only); peak memory: " + (", ".join(measures) or "not recorded") + "."]
+             "implicit/neumann modes only); test fwd iters / converged: the test split's mean forward iterations and the "
+             "fraction of its solves that reached the tolerance; Lip(N) / Lip(T): local Lipschitz constants of the "
+             "network and of the iteration map at the last validation's fixed points (mean over the batch); peak "
+             "memory: " + (", ".join(measures) or "not recorded") + "."]
     if failed:
         notes += ["", "Failed runs:", ""] + [f"- `{Path(f['dir']).name}` ({f['method']}, {f['task']}, {f['backward']}, "
                                              f"seed {f['seed']}): {f['error']}" for f in failed]
