@@ -38,10 +38,11 @@ from ..lit.module import psnr_score
 from ..lit.run import build_module, instantiate_group, train
 from .common import pyplot, save_figure, write_outputs
 
-# paper 004 Tables I-II: name -> task overrides (the blur kernel: 15 x 15, as task=multitask's, +-3.5 std at 2.0)
+# paper 004 Tables I-II: name -> task overrides (the blur kernel: 15 x 15, as task=multitask's, +-3.5 std at 2.0;
+# completion starts from y with its dropped pixels at 0, as MTDEQ was trained, whatever task=inpaint's default init)
 TASKS = {
-    "comp80": ["task=inpaint", "task.p_drop=0.8", "task.noise_std=0.0"],
-    "comp90": ["task=inpaint", "task.p_drop=0.9", "task.noise_std=0.0"],
+    "comp80": ["task=inpaint", "task.p_drop=0.8", "task.noise_std=0.0", "task.init=zeros"],
+    "comp90": ["task=inpaint", "task.p_drop=0.9", "task.noise_std=0.0", "task.init=zeros"],
     "blur1.6": ["task=deblur", "task.kernel_size=15", "task.variance=2.56", "task.noise_std=0.01"],
     "blur2.0": ["task=deblur", "task.kernel_size=15", "task.variance=4.0", "task.noise_std=0.01"],
     "sr2_n0": ["task=sr2", "task.noise_std=0.0"],
@@ -69,9 +70,11 @@ FULL = {"denoiser_steps": 3000, "mtdeq_steps": 600, "degrad_steps": 300, "train_
         "test_size": 48, "batch": 8, "mtdeq_batch": 2, "problems": 5, "eval_crops": 32, "mtdeq_lr": 1e-4,
         "mtdeq_solver": ["solver=anderson"], "net": [], "lam_search": True, "fb_max_iter": 350,
         "pnp_schedules": [(n, s) for n in (8, 30, 100) for s in (None, 0.01, 0.03, 0.05)], "fb_rows": True}
+# --quick caps MTDEQ's training solves at 100 Anderson iterations (a few multitask problems take 350 at the full
+# cap: 2-7 s per step on 2 cores; with the cap, 60 steps took 89 s and the whole --quick run 348 s at 8 crops)
 QUICK = {"denoiser_steps": 1500, "mtdeq_steps": 160, "degrad_steps": 0, "train_size": 24, "mtdeq_size": 24,
-         "test_size": 48, "batch": 8, "mtdeq_batch": 2, "problems": 5, "eval_crops": 8, "mtdeq_lr": 1e-4,
-         "mtdeq_solver": ["solver=anderson"], "net": [], "lam_search": False, "fb_max_iter": 100,
+         "test_size": 48, "batch": 8, "mtdeq_batch": 2, "problems": 5, "eval_crops": 16, "mtdeq_lr": 1e-4,
+         "mtdeq_solver": ["solver=anderson", "solver.max_iter=100"], "net": [], "lam_search": False, "fb_max_iter": 100,
          "pnp_schedules": [(n, s) for n in (8, 60) for s in (None, 0.03)], "fb_rows": False}
 
 
