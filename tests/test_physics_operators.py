@@ -149,6 +149,31 @@ def test_inpainting_masks_per_sample_shared_over_channels_and_drop_rate():
         op.A(torch.rand(4, 1, 32, 32))
 
 
+def test_inpainting_fill_is_the_normalized_convolution_of_the_kept_neighbours():
+    """init="fill" against an explicit Gaussian-weighted mean: a 9x9 image with its centre and one corner pixel
+    dropped; the centre's 7x7 window (sigma 0.7) reaches kept pixels at the first width, so its value is
+    sum_kept g(d) x / sum_kept g(d); kept pixels keep y; linear in y; a mask with nothing kept gives 0 (the mean of
+    no pixels), never NaN."""
+    x = torch.rand(2, 3, 9, 9, dtype=torch.float64, generator=gen(5))
+    m = torch.ones(1, 1, 9, 9, dtype=torch.float64)
+    m[..., 4, 4] = m[..., 0, 0] = 0
+    op = Inpainting(m, init="fill")
+    y = op.A(x)
+    out = op.init(y)
+    d = torch.arange(-3, 4, dtype=torch.float64)
+    g = torch.exp(-(d[:, None] ** 2 + d[None] ** 2) / (2 * 0.7 ** 2)) * m[0, 0, 1:8, 1:8]
+    expected = (g * x[..., 1:8, 1:8]).sum((-2, -1)) / g.sum()
+    assert torch.allclose(out[..., 4, 4], expected, rtol=1e-10)
+    kept = m.expand_as(x) > 0
+    assert torch.equal(out[kept], y[kept])
+    y2 = op.A(torch.rand(2, 3, 9, 9, dtype=torch.float64, generator=gen(6)))
+    assert torch.allclose(op.init(2 * y - 3 * y2), 2 * out - 3 * op.init(y2), atol=1e-12)
+    empty = Inpainting(torch.zeros(1, 1, 9, 9), init="fill")
+    assert torch.equal(empty.init(torch.zeros(1, 3, 9, 9)), torch.zeros(1, 3, 9, 9))
+    with pytest.raises(ValueError, match="init must be one of"):
+        Inpainting(m, init="bilinear")
+
+
 @pytest.mark.parametrize("acc,n_low", [(4, 26), (8, 13)])
 def test_mri_random_masks_follow_fastmri(acc, n_low):
     B, W = 6, 320

@@ -132,20 +132,26 @@ class Deblur(Task):
 class Inpaint(Task):
     """Pixel-wise completion (paper 004 §III): each pixel is dropped with probability ``p_drop``,
     all its channels together, with a fresh mask per sample; white Gaussian noise of std
-    ``noise_std`` on the kept pixels (dropped pixels are measured as 0). Initialised with y.
+    ``noise_std`` on the kept pixels (dropped pixels are measured as 0). Initialised with y, or with its
+    normalized-convolution fill (``init="fill"``).
 
     Args:
         p_drop: drop probability, or a [min, max] range from which each sample draws its own
             (paper 004 trains on 0.2 to 0.9).
         noise_std: standard deviation of the noise (images in [0, 1]).
         channels: expected image channels (None: any).
+        init: the methods' initializer, ``"zeros"`` (y) or ``"fill"`` (normalized convolution,
+            :meth:`Inpainting.fill`).
     """
 
     name = "inpaint"
 
-    def __init__(self, p_drop=0.8, noise_std: float = 0.01, channels: int | None = 3):
+    def __init__(self, p_drop=0.8, noise_std: float = 0.01, channels: int | None = 3, init: str = "zeros"):
         self.p_range = value_or_range("Inpaint: p_drop", p_drop, 0.0, 1.0)
         self.noise_std, self.channels = float(noise_std), channels
+        if init not in Inpainting.INITS:
+            raise ValueError(f"Inpaint: init must be one of {Inpainting.INITS}, got {init!r} (task.init=fill)")
+        self.init_mode = init
 
     def _p(self, n: int, generator, device, dtype) -> Tensor:
         lo, hi = self.p_range
@@ -155,11 +161,12 @@ class Inpaint(Task):
     def operator(self, x: Tensor, generator=None, seeds=None) -> Inpainting:
         if seeds is None:
             p = self._p(x.shape[0], generator, x.device, x.dtype)
-            return Inpainting.random(x.shape, p, generator, device=x.device, dtype=x.dtype)
+            return Inpainting(Inpainting.random(x.shape, p, generator, device=x.device, dtype=x.dtype).mask,
+                              self.init_mode)
         one = (1, *x.shape[1:])
         masks = [Inpainting.random(one, self._p(1, g, x.device, x.dtype), g, device=x.device, dtype=x.dtype).mask
                  for g in operator_generators(seeds, x.device)]
-        return Inpainting(torch.cat(masks))
+        return Inpainting(torch.cat(masks), self.init_mode)
 
     def noise_support(self, physics: Inpainting) -> Tensor:
         return physics.mask
