@@ -36,7 +36,10 @@ def test_lu_dncnn_refuses_a_fixed_point_backward_mode(tmp_path):
     assert compose_cfg("train", ["method=lu_dncnn"], tmp_path).backward.mode == "unroll"
 
 
-def test_every_method_on_every_task_multirun(tmp_path):
+@pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["cover", "product"])
+def test_every_method_on_every_task_multirun(full, tmp_path):
+    """product (make test-full, about 7 minutes on 2 cores): every method x every task; cover (the default suite):
+    each family on two tasks, rotating, so every method and every task runs at least once."""
     # no data.dataset.* keys: the sweep mixes data=natural with the data=phantoms of the CT/MRI tasks
     # 24 px: task=multitask draws SR factors 1..4, so the side must be a multiple of 12
     drop = ("method.", "task.", "solver.", "data.dataset.", "data.image_size")
@@ -58,6 +61,11 @@ def test_every_method_on_every_task_multirun(tmp_path):
           [t for t in TASKS if t not in gray]),
          (["pnp_admm"], pnp + [f"method.denoiser={write_denoiser_ckpt(tmp_path / 'gray.ckpt', 1)}"], gray)]
     assert sorted({m for ms, _, _ in runs for m in ms}) == METHODS  # a new method must join this test
+    if not full:
+        slot = iter(range(10 ** 6))
+        runs = [(ms, extra, [tasks[next(slot) % len(tasks)] for _ in range(2)]) for ms, extra, tasks in runs]
+        # the rotation reaches every task: 9 runs x 2 slots over the 10 tasks
+        assert sorted({t for _, _, ts in runs for t in ts}) == TASKS, "re-balance the rotation: a task is left out"
     jobs = 0
     for k, (methods, extra, tasks) in enumerate(runs):
         r = subprocess.run([sys.executable, "train.py", "-m", f"method={','.join(methods)}", f"task={','.join(tasks)}",
