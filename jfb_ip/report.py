@@ -62,10 +62,14 @@ def load_run(run: Path) -> dict[str, Any]:
             "overrides": _overrides(run)}
 
 
+# overrides that say where or how a run was recorded, not what was run: never part of a row's setting
+NOT_SETTINGS = ("paths.", "hydra.", "logger", "trainer.enable_progress_bar")
+
+
 def _setting_keys(runs: list[dict[str, Any]]) -> set[str]:
-    """Override keys whose value is not the same in every run (besides the key groups and seed)."""
+    """Override keys whose value is not the same in every run (besides the key groups, seed and NOT_SETTINGS)."""
     per_run = [dict(o.lstrip("+~").partition("=")[::2] for o in r["overrides"]) for r in runs]
-    keys = set().union(*per_run) - set(KEY_GROUPS) - {"seed"}
+    keys = {k for k in set().union(*per_run) - set(KEY_GROUPS) - {"seed"} if not k.startswith(NOT_SETTINGS)}
     return {k for k in keys if len({p.get(k) for p in per_run}) > 1}
 
 
