@@ -221,7 +221,9 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true",
                    help="CPU-sized run: 32x32, K 2 4 8, N 10 50 100, batches 1 2, 1 thread")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--tasks", nargs="+", default=None, choices=available_tasks(), help="default: every conf/task")
+    p.add_argument("--tasks", nargs="+", default=["deblur"], choices=available_tasks(),
+                   help="default: deblur (paper 002 Table 3's memory does not depend on the operator); the gray "
+                        "tasks (ct, mri4x, mri8x) need --channels 1")
     p.add_argument("--stages", type=int, nargs="+", default=None, help="K for lu_dncnn/luser_dw (default 2 4 8 16)")
     p.add_argument("--iters", type=int, nargs="+", default=None, help="N for degrad (default 10 25 50 75 100)")
     p.add_argument("--image-size", type=int, default=None, help="default 128 (paper 002), quick 32")
