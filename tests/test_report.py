@@ -82,3 +82,18 @@ def test_report_on_a_directory_without_runs_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_a_run_written_to_paths_output_dir_keeps_its_hydra_record(tmp_path):
+    """train.py paths.output_dir=<dir>: Hydra writes .hydra/ into its own run dir; the run's outputs go to <dir>, and
+    the record is copied beside them, so the report reads the run (its choices and overrides) from <dir> alone."""
+    from conftest import TINY, run_train
+
+    out = tmp_path / "elsewhere"
+    r = run_train([*TINY, "backward=implicit", f"paths.output_dir={out}", f"hydra.run.dir={tmp_path}/hydra_run"],
+                  tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    overrides = yaml.safe_load((out / ".hydra" / "overrides.yaml").read_text())
+    assert f"paths.output_dir={out}" in overrides and (tmp_path / "hydra_run" / ".hydra").is_dir()
+    res = report([out], tmp_path / "rep")
+    assert [(row["method"], row["task"], row["backward"]) for row in res["rows"]] == [("degrad", "deblur", "implicit")]

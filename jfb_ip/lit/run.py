@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -237,6 +238,20 @@ def _examples_png(module: ReconstructionModule, out_dir: Path, n: int) -> Path |
     return path
 
 
+def keep_hydra_record(out_dir: Path) -> None:
+    """With ``paths.output_dir=<dir>`` the run's outputs leave Hydra's run directory, where Hydra wrote ``.hydra/``
+    (the composed config, its overrides and choices): copy that record beside them, so ``jfb_ip.report`` and a
+    reader of ``<dir>`` know what was run. Nothing to do outside a Hydra app or when the two are the same."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    record = Path(hc.runtime.output_dir) / (hc.output_subdir or ".hydra")
+    if record.is_dir() and out_dir.resolve() != record.parent.resolve():
+        shutil.copytree(record, out_dir / ".hydra", dirs_exist_ok=True)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, save ``<run dir>/checkpoints/last.ckpt``, test, write ``metrics.json`` and ``examples.png``."""
     t0 = time.perf_counter()
@@ -248,6 +263,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         load_checkpoint(cfg.ckpt_path)  # readable and safe before Lightning touches it
     elif cfg.get("train", True):
         check_fresh_run_dir(out_dir)
+    keep_hydra_record(out_dir)
     datamodule = instantiate_group(cfg, "data")
     datamodule.validate("fit" if cfg.get("train", True) else "test")  # a missing split fails now, not after training
     module = build_module(cfg, run_config)
