@@ -6,6 +6,38 @@ from pathlib import Path
 import json
 
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+from .. import config_dir
+from ..lit.run import instantiate_group
+
+# the config groups a ReconstructionModule and its data need (the trainer's keys need a running Hydra app)
+MODULE_GROUPS = ("method", "task", "module", "data")
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    """``train.py``'s config with ``overrides``, composed from the package's configs outside a Hydra app."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def module_groups(cfg: DictConfig) -> DictConfig:
+    """The groups of :data:`MODULE_GROUPS`, resolved (``data.seed=${seed}`` and the like point outside them)."""
+    return OmegaConf.create({k: OmegaConf.to_container(cfg[k], resolve=True) for k in MODULE_GROUPS})
+
+
+def seeded_split_batch(data_cfg, module, split: str, n: int | None = None):
+    """The first ``n`` images (all: None) of the ``val`` or ``test`` split and the seeded measurements the module
+    makes of them in that split: exactly what ``train.py`` validates or tests on."""
+    dm = instantiate_group(OmegaConf.create({"data": data_cfg}), "data")
+    dm.setup("fit" if split == "val" else "test")
+    ds = (dm.val_dataloader() if split == "val" else dm.test_dataloader()).dataset
+    n = len(ds) if n is None else min(n, len(ds))
+    x = torch.stack([ds[i][0] for i in range(n)])
+    return x, module.seeded_measurement(x, torch.arange(n), split)
 
 
 class SavedBytes:

@@ -21,24 +21,14 @@ import math
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from .. import config_dir
-from ..lit.module import ReconstructionModule
-from ..lit.run import build_module, instantiate_group, load_checkpoint, load_weights
-from .common import pyplot, save_figure, write_outputs
+from ..lit.run import build_module, load_checkpoint, load_weights
+from .common import compose_train, module_groups, pyplot, save_figure, seeded_split_batch, write_outputs
 
 FIXED_POINT_METHODS = ("degrad", "deprox", "luser_sw", "luser_dw")
 COLUMNS = ("converged_fraction", "fwd_iters_mean", "fwd_iters_max", "fwd_residual_mean", "fwd_residual_max",
            "lipschitz_net_max", "lipschitz_T_max")
-
-
-def _compose(method: str, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=[f"method={method}", "logger=none", *overrides])
 
 
 def _build(name: str, overrides: list[str], image_size: int):
@@ -51,20 +41,8 @@ def _build(name: str, overrides: list[str], image_size: int):
         load_weights(module, ckpt, name)
         return Path(name).parent.parent.name + "/" + Path(name).stem, module, cfg.data
     torch.manual_seed(0)
-    cfg = _compose(name, [f"data.image_size={image_size}", *overrides])
-    # the groups a module needs, resolved here (the trainer's keys need a running Hydra app)
-    sub = OmegaConf.create({k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("method", "task", "module", "data")})
+    sub = module_groups(compose_train([f"method={name}", "logger=none", f"data.image_size={image_size}", *overrides]))
     return name, build_module(sub, OmegaConf.to_container(sub)), sub.data
-
-
-def _test_batch(data_cfg, module: ReconstructionModule, n: int):
-    """The first ``n`` test images and their seeded measurement (the noise the test split uses)."""
-    dm = instantiate_group(OmegaConf.create({"data": data_cfg}), "data")
-    dm.setup("test")
-    ds = dm.test_dataloader().dataset
-    n = min(n, len(ds))
-    x = torch.stack([ds[i][0] for i in range(n)])
-    return x, module.seeded_measurement(x, torch.arange(n), "test")
 
 
 def _row(summary: dict, lipschitz: dict) -> dict:
@@ -80,7 +58,7 @@ def measure(names: list[str], overrides: list[str], images: int, image_size: int
             print(f"{label}: no fixed point to check (skipped)")
             continue
         method.eval()
-        x, meas = _test_batch(data_cfg, module, images)
+        x, meas = seeded_split_batch(data_cfg, module, "test", images)
         with torch.no_grad():
             rec = method(meas)
         stats = rec.solver_stats()

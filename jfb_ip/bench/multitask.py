@@ -23,20 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
 
-from .. import config_dir
 from ..lit.module import psnr_score
-from ..lit.run import build_module, instantiate_group, train
-from .common import pyplot, save_figure, write_outputs
+from ..lit.run import build_module, train
+from .common import compose_train, module_groups, pyplot, save_figure, seeded_split_batch, write_outputs
 
 # paper 004 Tables I-II: name -> task overrides (the blur kernel: 15 x 15, as task=multitask's, +-3.5 std at 2.0;
 # completion starts from y with its dropped pixels at 0, as MTDEQ was trained, whatever task=inpaint's default init)
@@ -78,16 +73,10 @@ QUICK = {"denoiser_steps": 1500, "mtdeq_steps": 160, "degrad_steps": 0, "train_s
          "pnp_schedules": [(n, s) for n in (8, 60) for s in (None, 0.03)], "fb_rows": False}
 
 
-def _compose(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
-
-
 def run(overrides: list[str], run_dir: Path) -> dict:
     """One ``train.py`` run in this process (its run directory ``run_dir``, started afresh) -> metrics.json."""
     shutil.rmtree(run_dir, ignore_errors=True)  # a run directory holding last.ckpt would be resumed
-    cfg = _compose([*overrides, "logger=csv", "trainer.enable_progress_bar=false", f"paths.output_dir={run_dir}",
+    cfg = compose_train([*overrides, "logger=csv", "trainer.enable_progress_bar=false", f"paths.output_dir={run_dir}",
                     "trainer.check_val_every_n_epoch=1000"])  # validated once, at the end
     return train(cfg)
 
@@ -130,19 +119,12 @@ def _schedule(n_iter: int, sigma_min: float | None) -> list[str]:
 def pnp_schedule(b: dict, task_ov: list[str], ckpt: str, extra: list[str]) -> tuple[list[str], dict]:
     """The PnP-ADMM schedule of ``b['pnp_schedules']`` with the best mean PSNR on the validation crops for the prior
     ``ckpt`` at lam = 0.23 (DPIR's): its overrides and every candidate's score. Test images are never seen."""
-    cfg = _compose(["method=pnp_admm", f"method.denoiser={ckpt}", "method.lambda_grid=[]", *task_ov,
-                    *_data(b["test_size"], b["eval_crops"], b["batch"]), "logger=none", *extra])
-    sub = OmegaConf.create({k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("method", "task", "module",
-                                                                                      "data")})
-    dm = instantiate_group(sub, "data")
-    dm.setup("fit")
-    ds = dm.val_dataloader().dataset
-    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    sub = module_groups(compose_train(["method=pnp_admm", f"method.denoiser={ckpt}", "method.lambda_grid=[]", *task_ov,
+                                       *_data(b["test_size"], b["eval_crops"], b["batch"]), "logger=none", *extra]))
     module = build_module(sub)
-    meas = module.seeded_measurement(x, torch.arange(len(ds)), "val")  # exactly the module's validation draws
-    scores = {}
+    x, meas = seeded_split_batch(sub.data, module, "val")  # exactly the module's validation draws
+    method, scores = module.method, {}
     for n_iter, sigma_min in b["pnp_schedules"]:
-        method = module.method
         method.n_iter, method.sigma_min = n_iter, sigma_min
         with torch.no_grad():
             scores[(n_iter, sigma_min)] = psnr_score(method(meas).x, x).mean().item()
