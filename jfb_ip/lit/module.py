@@ -16,11 +16,11 @@ from torchmetrics import MetricCollection
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from ..data.sampling import derived_seed
 from ..methods import CalibratedMethod, Method, Reconstruction, Wiener
 from ..nets import count_parameters
 from ..physics import Task
 from ..solvers import SolverStats
-from ..data.sampling import derived_seed
 from .checkpointing import rng_state, set_rng_state
 from .distributed import PerImage, distributed, gather_cat, gather_solver_stats, sum_over_processes
 

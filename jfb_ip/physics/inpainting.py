@@ -41,9 +41,10 @@ class Inpainting(LinearOperator):
 
     @classmethod
     def random(cls, shape: tuple[int, ...], p_drop: float | Tensor, generator: torch.Generator | None = None,
-               device=None, dtype=torch.float32) -> "Inpainting":
+               device=None, dtype=torch.float32, init: str = "zeros") -> "Inpainting":
         """A fresh mask per sample for images of ``shape`` (B, C, H, W): each pixel is dropped
-        independently with probability ``p_drop`` (a float, or one value per sample (B,))."""
+        independently with probability ``p_drop`` (a float, or one value per sample (B,)); ``init`` as for the
+        constructor."""
         if len(shape) != 4:
             raise ValueError(f"Inpainting.random: shape must be (B, C, H, W), got {tuple(shape)}")
         B, _, H, W = shape
@@ -55,7 +56,7 @@ class Inpainting(LinearOperator):
         if bool(((p < 0) | (p > 1)).any()):
             raise ValueError(f"Inpainting.random: p_drop must lie in [0, 1], got {p.tolist()}")
         # u >= p keeps a pixel with probability 1 - p; p = 0 keeps everything (rand is in [0, 1))
-        return cls((u >= per_sample(p.reshape(-1), u)).to(dtype))
+        return cls((u >= per_sample(p.reshape(-1), u)).to(dtype), init)
 
     def _mask_for(self, x: Tensor) -> Tensor:
         if x.dim() != 4:

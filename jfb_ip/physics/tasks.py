@@ -161,8 +161,7 @@ class Inpaint(Task):
     def operator(self, x: Tensor, generator=None, seeds=None) -> Inpainting:
         if seeds is None:
             p = self._p(x.shape[0], generator, x.device, x.dtype)
-            return Inpainting(Inpainting.random(x.shape, p, generator, device=x.device, dtype=x.dtype).mask,
-                              self.init_mode)
+            return Inpainting.random(x.shape, p, generator, device=x.device, dtype=x.dtype, init=self.init_mode)
         one = (1, *x.shape[1:])
         masks = [Inpainting.random(one, self._p(1, g, x.device, x.dtype), g, device=x.device, dtype=x.dtype).mask
                  for g in operator_generators(seeds, x.device)]
