@@ -38,12 +38,10 @@ from pathlib import Path
 import hydra
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from .. import config_dir
 from ..nets import count_parameters
-from .common import SavedBytes, pyplot, save_figure, write_outputs
+from .common import SavedBytes, compose_train, pyplot, save_figure, write_outputs
 
 CONF = config_dir()
 # name -> (method config, backward config or None for the method's own, what the sweep varies)
@@ -70,7 +68,7 @@ def build(name: str, task: str, point: int, channels: int, paper_sizes: bool = F
     ov += [f"method.stages={point}"] if kind == "stages" else [f"solver.max_iter={point}", "solver.tol=0"]
     if paper_sizes and cfg_name == "degrad":
         ov += ["method.net.depth=17", "method.net.width=64"]
-    cfg = compose("train", overrides=ov)
+    cfg = compose_train(ov)
     torch.manual_seed(seed)
     method = hydra.utils.instantiate(cfg.method, _convert_="all")
     return method, hydra.utils.instantiate(cfg.task), hydra.utils.instantiate(cfg.module.optimizer)
@@ -121,32 +119,30 @@ def run(methods=tuple(METHODS), tasks=None, stages=(2, 4, 8, 16), iters=(10, 25,
     if b2 <= b1:
         raise ValueError(f"batches must be two sizes b1 < b2, got {batches}")
     rows = []
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        for name in methods:
-            kind = METHODS[name][2]
-            points = list(iters) if kind == "iters" else (
-                [8 if 8 in stages else max(stages)] if name == "luser_sw" else list(stages))
-            for task in tasks:
-                for point in points:
-                    mem, params, solver_iters = [], None, None
-                    for b in (b1, b2):
-                        method, task_obj, optimizer = build(name, task, point, channels, paper_sizes, seed)
-                        params = count_parameters(method)
-                        m, solver_iters = step_memory(method, task_obj, optimizer, b, image_size, channels, device,
-                                                      seed)
-                        mem.append(m)
-                        del method
-                    per = (mem[1] - mem[0]) / (b2 - b1)
-                    fixed = mem[0] - per * b1
-                    cfg_name, backward, _ = METHODS[name]
-                    rows.append({"method": cfg_name, "backward": backward or "unroll", "task": task, "params": params,
-                                 "iters_or_stages": point, "sweep": kind, "bytes_per_sample": int(round(per)),
-                                 "fixed_bytes": int(round(fixed)), "batches": [b1, b2], "measured_bytes": mem,
-                                 "solver_iters": solver_iters,
-                                 "max_batch": {k: max_batch(fixed, per, v) for k, v in BUDGETS.items()}})
-                    log(f"{name:16s} {task:12s} {kind} {point:4d}: {per / 2**20:9.2f} MiB/sample, "
-                        f"fixed {fixed / 2**20:8.2f} MiB")
+    for name in methods:
+        kind = METHODS[name][2]
+        points = list(iters) if kind == "iters" else (
+            [8 if 8 in stages else max(stages)] if name == "luser_sw" else list(stages))
+        for task in tasks:
+            for point in points:
+                mem, params, solver_iters = [], None, None
+                for b in (b1, b2):
+                    method, task_obj, optimizer = build(name, task, point, channels, paper_sizes, seed)
+                    params = count_parameters(method)
+                    m, solver_iters = step_memory(method, task_obj, optimizer, b, image_size, channels, device,
+                                                  seed)
+                    mem.append(m)
+                    del method
+                per = (mem[1] - mem[0]) / (b2 - b1)
+                fixed = mem[0] - per * b1
+                cfg_name, backward, _ = METHODS[name]
+                rows.append({"method": cfg_name, "backward": backward or "unroll", "task": task, "params": params,
+                             "iters_or_stages": point, "sweep": kind, "bytes_per_sample": int(round(per)),
+                             "fixed_bytes": int(round(fixed)), "batches": [b1, b2], "measured_bytes": mem,
+                             "solver_iters": solver_iters,
+                             "max_batch": {k: max_batch(fixed, per, v) for k, v in BUDGETS.items()}})
+                log(f"{name:16s} {task:12s} {kind} {point:4d}: {per / 2**20:9.2f} MiB/sample, "
+                    f"fixed {fixed / 2**20:8.2f} MiB")
     config = dict(methods=list(methods), tasks=tasks, stages=list(stages), iters=list(iters), image_size=image_size,
                   channels=channels, batches=[b1, b2], paper_sizes=paper_sizes, seed=seed,
                   budgets_gib=BUDGETS, memory="cuda peak allocated during the step" if device.type == "cuda"
