@@ -31,3 +31,29 @@ def test_convergence_bench_at_the_default_settings():
         assert len(e["trace"]) == row["fwd_iters_max"]
         # a contraction at the fixed point (power iteration can only underestimate, so a bound > 1 would show)
         assert 0 < row["lipschitz_T_max"] < 1.0
+
+
+def test_equilibrium_error_bound_covers_the_distance_to_a_tight_solve():
+    """residual / (1 - Lip T) against the actual distance to the fixed point solved to 1e-9."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from jfb_ip.bench.common import compose_train, module_groups, seeded_split_batch
+    from jfb_ip.lit.run import build_module
+    from jfb_ip.solvers.linear import batch_norm2
+
+    torch.manual_seed(0)
+    sub = module_groups(compose_train(["method=degrad", "logger=none", "data.image_size=32", "solver.tol=1e-2"]))
+    module = build_module(sub, OmegaConf.to_container(sub))
+    method = module.method.eval()
+    _, meas = seeded_split_batch(sub.data, module, "test", 3)
+    bound = method.lipschitz_estimates(meas)["equilibrium_error_max"]
+    with torch.no_grad():
+        rec = method(meas)
+        t_z = method.T(rec.x, meas, method.step_size(meas, rec.x))
+        method.solve.tol, method.solve.max_iter = 1e-9, 1000
+        z_star = method(meas).x
+    actual = batch_norm2(rec.x - z_star) / batch_norm2(t_z)
+    assert actual.max() <= bound
+    # the 1 / (1 - q) factor matters: the distance is well above the stopping residual itself
+    assert actual.min() > 2 * rec.stats.residual.max()

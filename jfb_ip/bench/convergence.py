@@ -28,7 +28,7 @@ from .common import compose_train, module_groups, pyplot, save_figure, seeded_sp
 
 FIXED_POINT_METHODS = ("degrad", "deprox", "luser_sw", "luser_dw")
 COLUMNS = ("converged_fraction", "fwd_iters_mean", "fwd_iters_max", "fwd_residual_mean", "fwd_residual_max",
-           "lipschitz_net_max", "lipschitz_T_max")
+           "lipschitz_net_max", "lipschitz_T_max", "equilibrium_error_max")
 
 
 def _build(name: str, overrides: list[str], image_size: int):
@@ -76,7 +76,7 @@ def measure(names: list[str], overrides: list[str], images: int, image_size: int
 
 
 def table(results: dict) -> str:
-    head = f"{'method':<26}{'converged':>10}{'iters mean/max':>16}{'residual mean/max':>20}{'Lip(net)':>10}{'Lip(T)':>8}"
+    head = f"{'method':<26}{'converged':>10}{'iters mean/max':>16}{'residual mean/max':>20}{'Lip(net)':>10}{'Lip(T)':>8}{'error bound':>13}"
     lines = [head]
     fmt = lambda v, spec: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)  # noqa: E731
 
@@ -84,7 +84,8 @@ def table(results: dict) -> str:
         return (f"{label:<26}{fmt(r['converged_fraction'], '.2f'):>10}"
                 f"{fmt(r['fwd_iters_mean'], '.1f') + '/' + fmt(r['fwd_iters_max'], '.0f'):>16}"
                 f"{fmt(r['fwd_residual_mean'], '.1e') + '/' + fmt(r['fwd_residual_max'], '.1e'):>20}"
-                f"{fmt(r['lipschitz_net_max'], '.3f'):>10}{fmt(r['lipschitz_T_max'], '.3f'):>8}")
+                f"{fmt(r['lipschitz_net_max'], '.3f'):>10}{fmt(r['lipschitz_T_max'], '.3f'):>8}"
+                f"{fmt(r['equilibrium_error_max'], '.1e'):>13}")
 
     for label, e in results.items():
         lines.append(line(f"{label} (tol {e['tol']:g}, cap {e['max_iter']})", e["row"]))

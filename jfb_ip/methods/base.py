@@ -163,18 +163,27 @@ class FixedPointMethod(Method):
     def lipschitz_estimates(self, meas: Measurement, n_iter: int = 20) -> dict[str, float]:
         """Local Lipschitz constants of the network and of T at this batch's fixed points (power
         iteration on J^T J; mean and max over samples). Theorem 3.1 of paper 000 needs Lip(T) < 1 for
-        a contraction; whether the network's normalisation guarantees it is said in DnCNN's docstring."""
+        a contraction; whether the network's normalisation guarantees it is said in DnCNN's docstring.
+
+        Also ``equilibrium_error``: what the solve's stopping residual says about its distance to the
+        equilibrium. If T contracts with factor q near z*, ||z - z*|| <= ||T(z) - z|| / (1 - q), so
+        relative to ||T(z)|| the error is at most residual / (1 - q) (inf where q >= 1). A residual under
+        ``tol`` pins z* down only to that: large where eta lam (1 - Lip N) is small (inpainting holes)."""
         if not self.log_lipschitz:
             return {}
         with torch.no_grad():
-            z = self(meas).x
+            rec = self(meas)
+        z = rec.x
         eta = self.step_size(meas, z)
         g = torch.Generator(device=z.device).manual_seed(0)
         with fixed_weights(self):
             lip_n = local_lipschitz(self.network_map(meas), z, n_iter, generator=g)
             lip_t = local_lipschitz(lambda x: self.T(x, meas, eta), z, n_iter, generator=g)
+        gap = 1.0 - lip_t.to(rec.stats.residual.dtype)
+        err = torch.where(gap > 0, rec.stats.residual / gap.clamp_min(1e-12), torch.full_like(gap, float("inf")))
         return {"lipschitz_net_mean": lip_n.mean().item(), "lipschitz_net_max": lip_n.max().item(),
-                "lipschitz_T_mean": lip_t.mean().item(), "lipschitz_T_max": lip_t.max().item()}
+                "lipschitz_T_mean": lip_t.mean().item(), "lipschitz_T_max": lip_t.max().item(),
+                "equilibrium_error_max": err.max().item()}
 
 
 @contextmanager
