@@ -233,3 +233,55 @@ def test_luser_operator_norm_mode_bounds_the_inner_map():
     assert (lips["operator"] <= bound * (1 + 1e-3)).all(), lips
     assert (lips["kernel"] > bound).all(), lips
     assert count_parameters(LUSERBlock(channels=1, norm_mode="operator")) == count_parameters(LUSERBlock(channels=1))
+
+
+@pytest.mark.parametrize("task", ["deblur", "inpaint", "sr2", "mri4x"])
+def test_degrad_prox_data_step_reaches_the_gradient_form_equilibrium(task):
+    """data_step=prox: its fixed point solves eq. (3.5) of paper 000, A^T(Ax - d) + lam (x - N(x)) = 0
+    (computed here from the operator and the network, not from either T), and is the gradient form's."""
+    from jfb_ip.methods import DEGRAD
+    from jfb_ip.nets import DnCNN
+    from jfb_ip.physics import Deblur, Inpaint, SingleCoilMRI, SuperResolution
+
+    D = torch.float64
+    make = {"deblur": lambda: Deblur(kernel_size=5, channels=1), "inpaint": lambda: Inpaint(p_drop=0.7, channels=1),
+            "sr2": lambda: SuperResolution(factor=2, channels=1), "mri4x": lambda: SingleCoilMRI(acceleration=4)}
+    torch.manual_seed(0)
+    net = DnCNN(1, depth=3, width=8, spectral_norm=True, gamma=0.9).to(D).eval()
+    x = torch.rand(2, 1, 16, 16, dtype=D)
+    meas = make[task]().sample(x, seeds=torch.arange(2))
+    solver = {"name": "anderson", "tol": 1e-11, "max_iter": 500}
+    fixed = {}
+    for step in ("gradient", "prox"):
+        m = DEGRAD(net, solver=solver, backward={"mode": "jfb"}, reg_weight=0.3, data_step=step).to(D).eval()
+        with torch.no_grad():
+            rec = m(meas)
+        assert bool(rec.stats.converged.all()), (step, rec.stats.residual)
+        fixed[step] = rec.x
+    z = fixed["prox"]
+    with torch.no_grad():
+        eq = meas.A_adjoint(meas.physics.A(z) - meas.y) + 0.3 * (z - net(z))
+    assert float(eq.norm() / meas.A_adjoint(meas.y).norm()) < 1e-8
+    assert torch.allclose(fixed["gradient"], z, atol=1e-7)
+
+
+def test_degrad_prox_step_moves_dropped_pixels_to_the_network_output():
+    """On pixels the mask drops, T_prox(x) = N(x) exactly (eq. (3.6)'s gradient step moves them by eta lam only)."""
+    from jfb_ip.methods import DEGRAD
+    from jfb_ip.nets import DnCNN
+    from jfb_ip.physics import Inpaint
+
+    torch.manual_seed(0)
+    net = DnCNN(3, depth=3, width=8).eval()
+    solver = {"name": "anderson", "tol": 1e-3, "max_iter": 50}
+    m = DEGRAD(net, solver=solver, backward={"mode": "jfb"}, data_step="prox")
+    meas = Inpaint(p_drop=0.5).sample(torch.rand(2, 3, 12, 12), seeds=torch.arange(2))
+    z = torch.rand(2, 3, 12, 12)
+    with torch.no_grad():
+        out, n = m.T(z, meas, None), net(z)
+    holes = meas.physics.mask == 0
+    assert bool(holes.any()) and torch.allclose(out[holes.expand_as(out)], n[holes.expand_as(n)], atol=1e-6)
+    with pytest.raises(ValueError, match="data_step=prox takes no step size"):
+        DEGRAD(net, solver=solver, backward={"mode": "jfb"}, data_step="prox", eta=0.5)
+    with pytest.raises(ValueError, match="data_step must be one of"):
+        DEGRAD(net, solver=solver, backward={"mode": "jfb"}, data_step="newton")
