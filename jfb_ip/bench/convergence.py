@@ -28,7 +28,7 @@ from .common import compose_train, module_groups, pyplot, save_figure, seeded_sp
 
 FIXED_POINT_METHODS = ("degrad", "deprox", "luser_sw", "luser_dw")
 COLUMNS = ("converged_fraction", "fwd_iters_mean", "fwd_iters_max", "fwd_residual_mean", "fwd_residual_max",
-           "lipschitz_net_max", "lipschitz_T_max", "equilibrium_error_max")
+           "lipschitz_net_max", "lipschitz_T_max", "equilibrium_error_max", "equilibrium_unbounded_fraction")
 
 
 def _build(name: str, overrides: list[str], image_size: int):
@@ -85,7 +85,13 @@ def table(results: dict) -> str:
                 f"{fmt(r['fwd_iters_mean'], '.1f') + '/' + fmt(r['fwd_iters_max'], '.0f'):>16}"
                 f"{fmt(r['fwd_residual_mean'], '.1e') + '/' + fmt(r['fwd_residual_max'], '.1e'):>20}"
                 f"{fmt(r['lipschitz_net_max'], '.3f'):>10}{fmt(r['lipschitz_T_max'], '.3f'):>8}"
-                f"{fmt(r['equilibrium_error_max'], '.1e'):>13}")
+                f"{bound(r):>13}")
+
+    def bound(r):  # the largest error bound over the batch: none as soon as one sample's T does not contract
+        unbounded = r["equilibrium_unbounded_fraction"]
+        if isinstance(unbounded, float) and unbounded > 0:
+            return f"none ({unbounded:.0%})"
+        return fmt(r["equilibrium_error_max"], ".1e")
 
     for label, e in results.items():
         lines.append(line(f"{label} (tol {e['tol']:g}, cap {e['max_iter']})", e["row"]))

@@ -167,7 +167,8 @@ class FixedPointMethod(Method):
 
         Also ``equilibrium_error``: what the solve's stopping residual says about its distance to the
         equilibrium. If T contracts with factor q near z*, ||z - z*|| <= ||T(z) - z|| / (1 - q), so
-        relative to ||T(z)|| the error is at most residual / (1 - q) (inf where q >= 1). A residual under
+        relative to ||T(z)|| the error is at most residual / (1 - q); where q >= 1 there is no bound
+        (``equilibrium_unbounded_fraction`` counts those samples). A residual under
         ``tol`` pins z* down only to that: large where eta lam (1 - Lip N) is small (inpainting holes)."""
         if not self.log_lipschitz:
             return {}
@@ -180,10 +181,14 @@ class FixedPointMethod(Method):
             lip_n = local_lipschitz(self.network_map(meas), z, n_iter, generator=g)
             lip_t = local_lipschitz(lambda x: self.T(x, meas, eta), z, n_iter, generator=g)
         gap = 1.0 - lip_t.to(rec.stats.residual.dtype)
-        err = torch.where(gap > 0, rec.stats.residual / gap.clamp_min(1e-12), torch.full_like(gap, float("inf")))
-        return {"lipschitz_net_mean": lip_n.mean().item(), "lipschitz_net_max": lip_n.max().item(),
-                "lipschitz_T_mean": lip_t.mean().item(), "lipschitz_T_max": lip_t.max().item(),
-                "equilibrium_error_max": err.max().item()}
+        bounded = gap > 0
+        err = rec.stats.residual[bounded] / gap[bounded]
+        out = {"lipschitz_net_mean": lip_n.mean().item(), "lipschitz_net_max": lip_n.max().item(),
+               "lipschitz_T_mean": lip_t.mean().item(), "lipschitz_T_max": lip_t.max().item(),
+               "equilibrium_unbounded_fraction": (~bounded).float().mean().item()}
+        if err.numel():  # over the samples where T contracts; the others have no bound (counted above)
+            out["equilibrium_error_max"] = err.max().item()
+        return out
 
 
 @contextmanager
