@@ -7,6 +7,7 @@ import math
 import resource
 import statistics
 import time
+import warnings
 from typing import Any, Callable
 
 import lightning as L
@@ -25,6 +26,10 @@ from .checkpointing import rng_state, set_rng_state
 from .distributed import PerImage, distributed, gather_cat, gather_solver_stats, sum_over_processes
 
 log = logging.getLogger(__name__)
+
+# Lightning notes that the module's on_after_batch_transfer is used although a DataModule is passed: that is the
+# design (measurements are made by the module, on the device, from the DataModule's clean images), so it is silenced
+warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_transfer`")
 
 # a run in which more of the test samples than this stop at max_iter gets a warning
 CAPPED_WARNING_FRACTION = 0.05
