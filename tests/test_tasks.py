@@ -234,3 +234,13 @@ def test_deblur_measurements_unchanged_by_the_task_refactor():
     noise = torch.stack([torch.randn(1, 16, 16, generator=torch.Generator().manual_seed(s)) for s in (3, 9)])
     ref = task.operator(x).A(x) + 0.01 * noise
     assert torch.equal(task.sample(x, seeds=seeds).y, ref)
+
+
+def test_degrad_prox_data_step_trains_from_the_config(tmp_path):
+    """method.data_step=prox from the command line reaches DEGRAD and trains end to end on a null-space task."""
+    out = train(compose_cfg("train", for_task(TINY, "inpaint") + ["task=inpaint", "method.data_step=prox"], tmp_path))
+    assert out["config"]["method"]["data_step"] == "prox" and out["train"]["steps"] == 2
+    assert math.isfinite(out["test"]["model"]["psnr"])
+    with pytest.raises(Exception, match="data_step=prox takes no step size"):
+        train(compose_cfg("train", for_task(TINY, "inpaint") + ["task=inpaint", "method.data_step=prox",
+                                                                "method.eta=0.5"], tmp_path / "bad"))
