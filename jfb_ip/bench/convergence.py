@@ -76,12 +76,14 @@ def measure(names: list[str], overrides: list[str], images: int, image_size: int
 
 
 def table(results: dict) -> str:
-    head = f"{'method':<26}{'converged':>10}{'iters mean/max':>16}{'residual mean/max':>20}{'Lip(net)':>10}{'Lip(T)':>8}{'error bound':>13}"
+    labels = {label: f"{label} (tol {e['tol']:g}, cap {e['max_iter']})" for label, e in results.items()}
+    w = max([26, *(len(v) + 1 for v in labels.values())])
+    head = f"{'method':<{w}}{'converged':>10}{'iters mean/max':>16}{'residual mean/max':>20}{'Lip(net)':>10}{'Lip(T)':>8}{'error bound':>13}"
     lines = [head]
     fmt = lambda v, spec: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)  # noqa: E731
 
     def line(label, r):
-        return (f"{label:<26}{fmt(r['converged_fraction'], '.2f'):>10}"
+        return (f"{label:<{w}}{fmt(r['converged_fraction'], '.2f'):>10}"
                 f"{fmt(r['fwd_iters_mean'], '.1f') + '/' + fmt(r['fwd_iters_max'], '.0f'):>16}"
                 f"{fmt(r['fwd_residual_mean'], '.1e') + '/' + fmt(r['fwd_residual_max'], '.1e'):>20}"
                 f"{fmt(r['lipschitz_net_max'], '.3f'):>10}{fmt(r['lipschitz_T_max'], '.3f'):>8}"
@@ -94,7 +96,7 @@ def table(results: dict) -> str:
         return fmt(r["equilibrium_error_max"], ".1e")
 
     for label, e in results.items():
-        lines.append(line(f"{label} (tol {e['tol']:g}, cap {e['max_iter']})", e["row"]))
+        lines.append(line(labels[label], e["row"]))
         for k, s in enumerate(e["stages"]):
             lines.append(line(f"  stage {k + 1}", s["row"]))
     return "\n".join(lines)
