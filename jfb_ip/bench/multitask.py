@@ -77,7 +77,7 @@ def run(overrides: list[str], run_dir: Path) -> dict:
     """One ``train.py`` run in this process (its run directory ``run_dir``, started afresh) -> metrics.json."""
     shutil.rmtree(run_dir, ignore_errors=True)  # a run directory holding last.ckpt would be resumed
     cfg = compose_train([*overrides, "logger=csv", "trainer.enable_progress_bar=false", f"paths.output_dir={run_dir}",
-                    "trainer.check_val_every_n_epoch=1000"])  # validated once, at the end
+                         "trainer.check_val_every_n_epoch=1000"])  # validated once, at the end
     return train(cfg)
 
 

@@ -69,7 +69,11 @@ class DEGRAD(FixedPointMethod):
     def reg_weight(self) -> Tensor:
         return torch.sigmoid(self.reg_logit)
 
-    def step_size(self, meas: Measurement, like: Tensor) -> Tensor:
+    def step_size(self, meas: Measurement, like: Tensor) -> Tensor | None:
+        """eta per sample; None for ``data_step="prox"``, whose map takes no step (and needs no lambda_max(A^T A),
+        a power iteration per batch)."""
+        if self.data_step == "prox":
+            return None
         if self.eta is not None:
             return per_sample(self.eta, like)
         return per_sample(1.0 / (meas.lambda_max() + 1.0), like)
@@ -78,7 +82,7 @@ class DEGRAD(FixedPointMethod):
         """S(x) = lam (x - N(x))."""
         return self.reg_weight * (x - self.net(x))
 
-    def T(self, x: Tensor, meas: Measurement, eta: Tensor) -> Tensor:
+    def T(self, x: Tensor, meas: Measurement, eta: Tensor | None) -> Tensor:
         """One DE-GRAD step, eq. (3.6) of paper 000 (``data_step="prox"``: T_prox of the class docstring)."""
         if self.data_step == "prox":
             return meas.prox_data(self.net(x), self.reg_weight)
