@@ -1,6 +1,7 @@
 """The solver families: parameter counts of paper 002 Table 3, every method on every task."""
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -235,10 +236,12 @@ def test_luser_operator_norm_mode_bounds_the_inner_map():
     assert count_parameters(LUSERBlock(channels=1, norm_mode="operator")) == count_parameters(LUSERBlock(channels=1))
 
 
+@pytest.mark.parametrize("inject", ["none", "input", "anchor"])
 @pytest.mark.parametrize("task", ["deblur", "inpaint", "sr2", "mri4x"])
-def test_degrad_prox_data_step_reaches_the_gradient_form_equilibrium(task):
+def test_degrad_prox_data_step_reaches_the_gradient_form_equilibrium(task, inject):
     """data_step=prox: its fixed point solves eq. (3.5) of paper 000, A^T(Ax - d) + lam (x - N(x)) = 0
-    (computed here from the operator and the network, not from either T), and is the gradient form's."""
+    (computed here from the operator and the network, not from either T), and is the gradient form's.
+    With injection N(x) is net([x, z0]) (``input``) or z0 + tanh(g) net([x, z0]) (``anchor``), z0 the task's init."""
     from jfb_ip.methods import DEGRAD
     from jfb_ip.nets import DnCNN
     from jfb_ip.physics import Deblur, Inpaint, SingleCoilMRI, SuperResolution
@@ -247,20 +250,27 @@ def test_degrad_prox_data_step_reaches_the_gradient_form_equilibrium(task):
     make = {"deblur": lambda: Deblur(kernel_size=5, channels=1), "inpaint": lambda: Inpaint(p_drop=0.7, channels=1),
             "sr2": lambda: SuperResolution(factor=2, channels=1), "mri4x": lambda: SingleCoilMRI(acceleration=4)}
     torch.manual_seed(0)
-    net = DnCNN(1, depth=3, width=8, spectral_norm=True, gamma=0.9).to(D).eval()
+    cin = 1 if inject == "none" else 2
+    net = DnCNN(cin, 1, depth=3, width=8, spectral_norm=True, gamma=0.9).to(D).eval()
     x = torch.rand(2, 1, 16, 16, dtype=D)
     meas = make[task]().sample(x, seeds=torch.arange(2))
+    z0 = meas.init()
+    N = {"none": lambda z: net(z), "input": lambda z: net(torch.cat([z, z0], 1)),
+         "anchor": lambda z: z0 + math.tanh(0.7) * net(torch.cat([z, z0], 1))}[inject]
     solver = {"name": "anderson", "tol": 1e-11, "max_iter": 500}
     fixed = {}
     for step in ("gradient", "prox"):
-        m = DEGRAD(net, solver=solver, backward={"mode": "jfb"}, reg_weight=0.3, data_step=step).to(D).eval()
+        m = DEGRAD(net, solver=solver, backward={"mode": "jfb"}, reg_weight=0.3, data_step=step,
+                   inject=inject).to(D).eval()
+        if inject == "anchor":  # the gate starts at 0 (N = z0); open it so the network takes part
+            m.anchor_gate.data.fill_(0.7)
         with torch.no_grad():
             rec = m(meas)
         assert bool(rec.stats.converged.all()), (step, rec.stats.residual)
         fixed[step] = rec.x
     z = fixed["prox"]
     with torch.no_grad():
-        eq = meas.A_adjoint(meas.physics.A(z) - meas.y) + 0.3 * (z - net(z))
+        eq = meas.A_adjoint(meas.physics.A(z) - meas.y) + 0.3 * (z - N(z))
     assert float(eq.norm() / meas.A_adjoint(meas.y).norm()) < 1e-8
     assert torch.allclose(fixed["gradient"], z, atol=1e-7)
 
@@ -285,3 +295,72 @@ def test_degrad_prox_step_moves_dropped_pixels_to_the_network_output():
         DEGRAD(net, solver=solver, backward={"mode": "jfb"}, data_step="prox", eta=0.5)
     with pytest.raises(ValueError, match="data_step must be one of"):
         DEGRAD(net, solver=solver, backward={"mode": "jfb"}, data_step="newton")
+    with pytest.raises(ValueError, match="inject must be one of"):
+        DEGRAD(net, solver=solver, backward={"mode": "jfb"}, inject=True)
+    with pytest.raises(ValueError, match="set method.net.in_channels to twice data.channels"):
+        DEGRAD(net, solver=solver, backward={"mode": "jfb"}, inject="anchor")(meas)
+
+
+def test_degrad_wiener_initializer_is_tuned_once_on_the_first_training_batch():
+    """initializer=wiener: the module picks the grid's best Tikhonov weight for the first training batch (checked here
+    against PSNRs computed from tikhonov() and the truth), fixes it, and z0 is that Tikhonov estimate."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    from jfb_ip.lit import ReconstructionModule
+    from jfb_ip.methods import DEGRAD
+    from jfb_ip.methods.classical import tikhonov
+    from jfb_ip.nets import DnCNN
+    from jfb_ip.physics import Inpaint
+
+    torch.manual_seed(0)
+    task = Inpaint(p_drop=0.7, channels=1)
+    x = torch.rand(3, 1, 16, 16).cumsum(-1) / 16  # smooth ramps: a clear optimum of the smoothness weight
+    meas = task.sample(x, seeds=torch.arange(3))
+    m = DEGRAD(DnCNN(2, 1, depth=3, width=8), solver={"name": "anderson", "tol": 1e-3, "max_iter": 20},
+               backward={"mode": "jfb"}, inject="anchor", initializer="wiener")
+    module = ReconstructionModule(m, task)
+    L = meas.lambda_max()
+
+    def psnr(lam):
+        est = tikhonov(meas, lam * L, "gradient")
+        return sum(float(peak_signal_noise_ratio(est[i:i + 1].clamp(0, 1), x[i:i + 1], data_range=1.0))
+                   for i in range(3))
+
+    best = max(m.wiener.lambda_grid, key=psnr)
+    module._calibrate_method_parts(meas, x)
+    assert bool(m.wiener.tuned) and float(m.wiener.lam) == pytest.approx(best)
+    assert torch.allclose(m.init(meas), tikhonov(meas, best * L, "gradient"), atol=1e-5)
+    other = task.sample(torch.rand(3, 1, 16, 16), seeds=torch.arange(3, 6))
+    module._calibrate_method_parts(other, torch.rand(3, 1, 16, 16))  # later batches leave it alone
+    assert float(m.wiener.lam) == pytest.approx(best)
+    with pytest.raises(ValueError, match="initializer must be one of"):
+        DEGRAD(DnCNN(1, depth=3, width=8), solver={"name": "anderson", "tol": 1e-3, "max_iter": 20},
+               backward={"mode": "jfb"}, initializer="fbp")
+
+
+@pytest.mark.parametrize("step", ["gradient", "prox"])
+def test_degrad_relative_prior_weight_solves_the_rescaled_equation(step):
+    """reg_relative: the fixed point solves A^T(Ax - d) + lam L (x - N(x)) = 0 with L = ||A||^2 taken here from the
+    dense matrix of A (SR x2: L near 1/4, so the absolute form's equation does not hold)."""
+    from jfb_ip.methods import DEGRAD
+    from jfb_ip.nets import DnCNN
+    from jfb_ip.physics import SuperResolution
+
+    D = torch.float64
+    torch.manual_seed(0)
+    net = DnCNN(1, depth=3, width=8, spectral_norm=True, gamma=0.9).to(D).eval()
+    x = torch.rand(2, 1, 16, 16, dtype=D)
+    meas = SuperResolution(factor=2, channels=1).sample(x, seeds=torch.arange(2))
+    op = meas.physics
+    cols = torch.eye(256, dtype=D).reshape(256, 1, 1, 16, 16)
+    dense = torch.stack([op.A(c.expand(2, 1, 16, 16))[0].flatten() for c in cols], 1)
+    L = float(torch.linalg.matrix_norm(dense, 2)) ** 2
+    m = DEGRAD(net, solver={"name": "anderson", "tol": 1e-11, "max_iter": 500}, backward={"mode": "jfb"},
+               reg_weight=0.3, data_step=step, reg_relative=True).to(D).eval()
+    with torch.no_grad():
+        z = m(meas).x
+        eq = meas.A_adjoint(op.A(z) - meas.y) + 0.3 * L * (z - net(z))
+        absolute = meas.A_adjoint(op.A(z) - meas.y) + 0.3 * (z - net(z))
+    scale = meas.A_adjoint(meas.y).norm()
+    assert float(eq.norm() / scale) < 1e-7 and float(absolute.norm() / scale) > 1e-3
+    assert 0.15 < L < 0.3

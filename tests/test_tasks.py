@@ -244,3 +244,21 @@ def test_degrad_prox_data_step_trains_from_the_config(tmp_path):
     with pytest.raises(Exception, match="data_step=prox takes no step size"):
         train(compose_cfg("train", for_task(TINY, "inpaint") + ["task=inpaint", "method.data_step=prox",
                                                                 "method.eta=0.5"], tmp_path / "bad"))
+
+
+@pytest.mark.parametrize("inject,initializer", [("input", "task"), ("anchor", "wiener")])
+def test_degrad_inject_trains_from_the_config(tmp_path, inject, initializer):
+    """method.inject doubles the network's input channels through the config's resolver and trains end to end on
+    a task whose measurement is not an image (SR: z0 is the bilinear upsampling, or the Wiener estimate)."""
+    cfg = compose_cfg("train", for_task(TINY, "sr2") + ["task=sr2", f"method.inject={inject}",
+                                                        f"method.initializer={initializer}"], tmp_path)
+    assert cfg.method.net.in_channels == 2 * cfg.data.channels and cfg.method.net.out_channels == cfg.data.channels
+    out = train(cfg)
+    assert out["config"]["method"]["inject"] == inject and out["train"]["steps"] == 2
+    assert math.isfinite(out["test"]["model"]["psnr"])
+    if initializer == "wiener":  # tuned on the first training batch, saved with the method
+        sd = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        from jfb_ip.methods.classical import default_lambda_grid
+
+        lam = float(sd["method.wiener.lam"])
+        assert bool(sd["method.wiener.tuned"]) and min(abs(lam / g - 1) for g in default_lambda_grid()) < 1e-6

@@ -153,6 +153,19 @@ class ReconstructionModule(L.LightningModule):
         PnP-ADMM: :class:`~jfb_ip.methods.calibrated.CalibratedMethod`)."""
         return [self.wiener] + ([self.method] if isinstance(self.method, CalibratedMethod) else [])
 
+    def _calibrate_method_parts(self, meas, x: Tensor) -> None:
+        """Tune the calibrated parts inside a trained method (DEGRAD's ``initializer=wiener``) on its first training
+        batch, once: the map it trains depends on them, so they are fixed before the first step (training data,
+        never validation or test; the chosen lambda is a buffer, so a resumed run keeps it)."""
+        parts = [m for m in self.method.modules() if isinstance(m, CalibratedMethod) and m is not self.method
+                 and not bool(m.tuned)]
+        for m in parts:
+            with torch.no_grad():
+                m.calibrate_start()
+                m.calibrate_update(meas, x, psnr_score)
+                m.calibrate_end(sum_over_processes(m.scores))  # DDP: every process picks the same lambda
+            log.info("%s: lambda %.3g tuned on the first training batch", type(m).__name__, float(m.lam))
+
     # ------------------------------------------------------------------ measurements
     def on_after_batch_transfer(self, batch, dataloader_idx: int = 0):
         """Clean images arrive on the device; the measurement is made here, on that device.
@@ -227,6 +240,7 @@ class ReconstructionModule(L.LightningModule):
         """The training loss over the samples whose solve stayed finite, or None when all diverged (on every
         process, under DDP)."""
         x, meas, _ = batch
+        self._calibrate_method_parts(meas, x)
         rec = self.method(meas)
         stats = rec.stats
         ok = torch.isfinite(rec.x.detach().flatten(1)).all(1)

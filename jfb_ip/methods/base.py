@@ -160,6 +160,10 @@ class FixedPointMethod(Method):
         """The network inside T as a map of the image alone (MTDEQ binds its per-sample noise level)."""
         return self.net
 
+    def bound_map(self, meas: Measurement, eta: Tensor | None) -> Callable[[Tensor], Tensor]:
+        """T as a map of the image alone, with whatever it needs from ``meas`` computed once (DEGRAD's z0)."""
+        return lambda x: self.T(x, meas, eta)
+
     def lipschitz_estimates(self, meas: Measurement, n_iter: int = 20) -> dict[str, float]:
         """Local Lipschitz constants of the network and of T at this batch's fixed points (power
         iteration on J^T J; mean and max over samples). Theorem 3.1 of paper 000 needs Lip(T) < 1 for
@@ -179,7 +183,7 @@ class FixedPointMethod(Method):
         g = torch.Generator(device=z.device).manual_seed(0)
         with fixed_weights(self):
             lip_n = local_lipschitz(self.network_map(meas), z, n_iter, generator=g)
-            lip_t = local_lipschitz(lambda x: self.T(x, meas, eta), z, n_iter, generator=g)
+            lip_t = local_lipschitz(self.bound_map(meas, eta), z, n_iter, generator=g)
         gap = 1.0 - lip_t.to(rec.stats.residual.dtype)
         bounded = gap > 0
         err = rec.stats.residual[bounded] / gap[bounded]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from ..physics import Measurement
 from ..solvers import per_sample
 from .base import FixedPointMethod, Reconstruction, fixed_weights
+from .classical import Wiener
 
 
 class DEGRAD(FixedPointMethod):
@@ -34,11 +35,36 @@ class DEGRAD(FixedPointMethod):
     and JFB's step is the network's own. Closed form for blur (circular), inpainting, SR and MRI;
     conjugate gradient for CT.
 
+    ``inject="input"`` gives the network the initializer z0 = meas.init() as extra input channels (input
+    injection, as in Bai et al.'s DEQs and the injection layer of paper 002's LUSER block): N(x) becomes
+    net([x, z0]); ``inject="anchor"`` also adds z0 to the output, N(x) = z0 + tanh(g) net([x, z0]), so the
+    network learns a correction of the initializer instead of reproducing the image through its layers. The
+    gate g is learned from 0 (ReZero, Bachlechner et al. 2021): the untrained model's equilibrium is then the
+    data term's prox at z0 itself, not z0 plus a random network's output, and |tanh g| < 1 keeps Lip(N) below
+    Lip(net). The maps and equilibrium equations above are unchanged with N(x) read as N([x, z0]); the
+    contraction argument is in x alone, so nothing about it changes either. Why: where A^T A has a null
+    space the equilibrium there is x = N(x); without z0 the network must hold 80% of an image's pixels as
+    its own fixed point from x alone, with z0 it can anchor them to the classical estimate and learn the
+    correction (README "The default model on every task").
+
+    ``initializer="wiener"`` replaces the task's initializer by the Tikhonov/Wiener estimate
+    (:class:`~jfb_ip.methods.Wiener`, gradient prior) as z0, the solve's start and what ``inject`` feeds the
+    network. Its weight is chosen on the first training batch (``ReconstructionModule``), then fixed, so the map
+    being trained does not change under it; it travels in the checkpoint.
+
     Args:
         net: the network N (e.g. :class:`jfb_ip.nets.DnCNN`).
         eta: step size; None derives 1/(L + 1) per sample from L = lambda_max(A^T A).
         reg_weight: initial lam.
         data_step: ``"gradient"`` (eq. (3.6)) or ``"prox"`` (T_prox above; ``eta`` unused).
+        inject: ``"none"``, ``"input"`` or ``"anchor"`` (above); with injection the network takes 2 x the image
+            channels in and gives the image channels out.
+        initializer: z0: ``"task"`` (the task's initializer, ``meas.init()``) or ``"wiener"`` (above).
+        reg_relative: weigh the prior relative to the data term's scale L = ||A||^2: S(x) = lam L (x - N(x)), the
+            prox at lam L, and eta = 1/(2L) when not given. At L = 1 (blur, inpainting, MRI) this is paper 000's
+            map exactly; it makes the map invariant to a rescaling of A, so lam in (0, 1) suits every operator
+            (CT's ||A||^2 is in the hundreds: with an absolute lam the prior weighs nothing beside the data
+            there; SR's is 1/f^2), as the Wiener baseline's weight is relative to ||A||^2.
         learn_reg_weight: train lam with the network.
         log_lipschitz: measure the local Lipschitz constants of N and T on the first validation
             batch of every validation epoch (:meth:`FixedPointMethod.lipschitz_estimates`).
@@ -46,10 +72,13 @@ class DEGRAD(FixedPointMethod):
     """
 
     DATA_STEPS = ("gradient", "prox")
+    INJECTS = ("none", "input", "anchor")
+    INITIALIZERS = ("task", "wiener")
 
     def __init__(self, net: nn.Module, solver: Mapping[str, Any], backward: Mapping[str, Any],
                  eta: float | None = None, reg_weight: float = 0.05, learn_reg_weight: bool = True,
-                 log_lipschitz: bool = True, data_step: str = "gradient"):
+                 log_lipschitz: bool = True, data_step: str = "gradient", inject: str = "none",
+                 initializer: str = "task", reg_relative: bool = False):
         super().__init__(solver, backward, log_lipschitz)
         if data_step not in self.DATA_STEPS:
             raise ValueError(f"DEGRAD: data_step must be one of {self.DATA_STEPS}, got {data_step!r}")
@@ -62,6 +91,15 @@ class DEGRAD(FixedPointMethod):
         self.net = net
         self.eta = eta
         self.data_step = data_step
+        if inject not in self.INJECTS:
+            raise ValueError(f"DEGRAD: inject must be one of {self.INJECTS}, got {inject!r}")
+        self.inject = inject
+        self.anchor_gate = nn.Parameter(torch.zeros(())) if inject == "anchor" else None
+        if initializer not in self.INITIALIZERS:
+            raise ValueError(f"DEGRAD: initializer must be one of {self.INITIALIZERS}, got {initializer!r}")
+        self.initializer = initializer
+        self.reg_relative = bool(reg_relative)
+        self.wiener = Wiener() if initializer == "wiener" else None
         logit = torch.tensor(math.log(reg_weight / (1 - reg_weight)))
         self.reg_logit = nn.Parameter(logit, requires_grad=learn_reg_weight)
 
@@ -76,21 +114,59 @@ class DEGRAD(FixedPointMethod):
             return None
         if self.eta is not None:
             return per_sample(self.eta, like)
-        return per_sample(1.0 / (meas.lambda_max() + 1.0), like)
+        L = meas.lambda_max()
+        return per_sample(1.0 / (2 * L) if self.reg_relative else 1.0 / (L + 1.0), like)
 
-    def regularizer(self, x: Tensor) -> Tensor:
-        """S(x) = lam (x - N(x))."""
-        return self.reg_weight * (x - self.net(x))
+    def prior_weight(self, meas: Measurement, like: Tensor) -> Tensor:
+        """lam, or lam L per sample with ``reg_relative`` (L = lambda_max(A^T A), cached on the operator)."""
+        if not self.reg_relative:
+            return self.reg_weight
+        return self.reg_weight * per_sample(meas.lambda_max(), like)
 
-    def T(self, x: Tensor, meas: Measurement, eta: Tensor | None) -> Tensor:
-        """One DE-GRAD step, eq. (3.6) of paper 000 (``data_step="prox"``: T_prox of the class docstring)."""
+    def N(self, x: Tensor, z0: Tensor | None) -> Tensor:
+        """N(x): net(x), net([x, z0]) or z0 + tanh(g) net([x, z0]) by ``inject``."""
+        if self.inject == "none":
+            return self.net(x)
+        want = getattr(self.net, "in_channels", 2 * x.shape[1])
+        if want != 2 * x.shape[1]:
+            raise ValueError(f"DEGRAD: inject={self.inject} feeds the network {2 * x.shape[1]} channels ([x, z0]) but it takes "
+                             f"{want}; set method.net.in_channels to twice data.channels (conf/method/degrad.yaml "
+                             f"does this) and method.net.out_channels to data.channels")
+        out = self.net(torch.cat([x, z0], 1))
+        return z0 + torch.tanh(self.anchor_gate) * out if self.inject == "anchor" else out
+
+    def init(self, meas: Measurement) -> Tensor:
+        """z0: the task's initializer, or the Wiener estimate (``initializer``)."""
+        if self.wiener is None:
+            return meas.init()
+        with torch.no_grad():
+            return self.wiener(meas).x
+
+    def network_map(self, meas: Measurement) -> Callable[[Tensor], Tensor]:
+        z0 = None if self.inject == "none" else self.init(meas)
+        return lambda x: self.N(x, z0)
+
+    def regularizer(self, x: Tensor, z0: Tensor | None = None, lam: Tensor | None = None) -> Tensor:
+        """S(x) = lam (x - N(x)) (``lam``: :meth:`prior_weight`; the plain weight when not given)."""
+        return (self.reg_weight if lam is None else lam) * (x - self.N(x, z0))
+
+    def T(self, x: Tensor, meas: Measurement, eta: Tensor | None, z0: Tensor | None = None) -> Tensor:
+        """One DE-GRAD step, eq. (3.6) of paper 000 (``data_step="prox"``: T_prox of the class docstring).
+        ``z0``: the injected initializer (computed from ``meas`` when needed and not given)."""
+        if self.inject != "none" and z0 is None:
+            z0 = self.init(meas)
+        lam = self.prior_weight(meas, x)
         if self.data_step == "prox":
-            return meas.prox_data(self.net(x), self.reg_weight)
-        return x - eta * (meas.grad(x) + self.regularizer(x))
+            return meas.prox_data(self.N(x, z0), lam)
+        return x - eta * (meas.grad(x) + self.regularizer(x, z0, lam))
+
+    def bound_map(self, meas: Measurement, eta: Tensor | None, z0: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+        z0 = self.init(meas) if z0 is None and self.inject != "none" else z0
+        return lambda x: self.T(x, meas, eta, z0)
 
     def forward(self, meas: Measurement) -> Reconstruction:
-        z0 = meas.init()
+        z0 = self.init(meas)
         eta = self.step_size(meas, z0)
         with fixed_weights(self):
-            x, stats = self.solve(lambda x: self.T(x, meas, eta), z0, module=self)
+            x, stats = self.solve(self.bound_map(meas, eta, z0), z0, module=self)
         return Reconstruction(x, stats=stats)

@@ -81,6 +81,7 @@ class DnCNN(nn.Module):
         if len(dilations) != depth or min(dilations) < 1:
             raise ValueError(f"DnCNN: dilations must be {depth} integers >= 1 (one per conv), got {dilations}")
         self.residual = residual
+        self.in_channels, self.out_channels = in_channels, out_channels
         dil = iter(dilations)
 
         def conv(cin, cout):
