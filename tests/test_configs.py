@@ -82,6 +82,10 @@ def test_experiments_compose_and_build(option, tmp_path):
     cfg = compose_cfg("train", [f"experiment={option}"], tmp_path)
     method = hydra.utils.instantiate(cfg.method, _convert_="all")
     assert method.backward_mode == cfg.backward.mode
+    if option in ("de_grad_jfb", "deq_implicit", "paper000_celeba"):  # paper 000's map, whatever the defaults are
+        assert (method.data_step, method.inject, method.initializer, method.reg_relative) == (
+            "gradient", "none", "task", False)
+        assert method.net.in_channels == cfg.data.channels and method.wiener is None
 
 
 # options that need an optional extra's Hydra plugin (tests/test_sweeps.py builds and runs them when installed)

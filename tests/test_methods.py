@@ -364,3 +364,31 @@ def test_degrad_relative_prior_weight_solves_the_rescaled_equation(step):
     scale = meas.A_adjoint(meas.y).norm()
     assert float(eq.norm() / scale) < 1e-7 and float(absolute.norm() / scale) > 1e-3
     assert 0.15 < L < 0.3
+
+
+@pytest.mark.parametrize("task,closed_form", [("deblur", True), ("ct", False)])
+def test_degrad_auto_data_step_follows_the_operators_prox(task, closed_form):
+    """data_step=auto: T is T_prox, (A^T A + lam I)^{-1}(A^T d + lam N(x)), where the data prox is a closed form
+    (circular blur), and eq. (3.6)'s gradient step x - eta (A^T(Ax - d) + lam (x - N(x))) with eta = 1/(L + 1)
+    where it is not (CT); both computed here from A, A^T and the network."""
+    from jfb_ip.methods import DEGRAD
+    from jfb_ip.nets import DnCNN
+    from jfb_ip.physics import Deblur, ParallelBeamCT
+
+    torch.manual_seed(0)
+    net = DnCNN(1, depth=3, width=8).double().eval()
+    phys = Deblur(kernel_size=5, channels=1) if task == "deblur" else ParallelBeamCT(n_angles=9)
+    meas = phys.sample(torch.rand(2, 1, 16, 16, dtype=torch.float64), seeds=torch.arange(2))
+    m = DEGRAD(net, solver={"name": "anderson", "tol": 1e-3, "max_iter": 20}, backward={"mode": "jfb"},
+               reg_weight=0.2, data_step="auto").double()
+    x = torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        out = m.T(x, meas, m.step_size(meas, x))
+        n = net(x)
+        if closed_form:  # check T_prox through its normal equations: (A^T A + lam) T = A^T d + lam N
+            res = meas.A_adjoint(meas.A(out)) + 0.2 * out - meas.A_adjoint(meas.y) - 0.2 * n
+        else:
+            eta = 1 / (meas.lambda_max().reshape(-1, 1, 1, 1) + 1)
+            res = out - (x - eta * (meas.A_adjoint(meas.A(x) - meas.y) + 0.2 * (x - n)))
+    assert m.uses_prox(meas) == closed_form
+    assert float(res.norm() / out.norm()) < 1e-6

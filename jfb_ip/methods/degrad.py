@@ -7,7 +7,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..physics import Measurement
+from ..physics import Measurement, MixedMeasurement
 from ..solvers import per_sample
 from .base import FixedPointMethod, Reconstruction, fixed_weights
 from .classical import Wiener
@@ -56,7 +56,10 @@ class DEGRAD(FixedPointMethod):
         net: the network N (e.g. :class:`jfb_ip.nets.DnCNN`).
         eta: step size; None derives 1/(L + 1) per sample from L = lambda_max(A^T A).
         reg_weight: initial lam.
-        data_step: ``"gradient"`` (eq. (3.6)) or ``"prox"`` (T_prox above; ``eta`` unused).
+        data_step: ``"gradient"`` (eq. (3.6)), ``"prox"`` (T_prox above; ``eta`` unused) or ``"auto"``: prox where
+            the operator's data prox is a closed form (``prox_is_closed_form``: circular blur, inpainting, SR, MRI,
+            denoising), gradient elsewhere (CT, zero-padded blur), where T_prox would run a conjugate-gradient solve
+            at every application of T and its map would only be as exact as that solve (as ``tv``'s ``auto``).
         inject: ``"none"``, ``"input"`` or ``"anchor"`` (above); with injection the network takes 2 x the image
             channels in and gives the image channels out.
         initializer: z0: ``"task"`` (the task's initializer, ``meas.init()``) or ``"wiener"`` (above).
@@ -71,7 +74,7 @@ class DEGRAD(FixedPointMethod):
         solver, backward: equilibrium options (see :class:`FixedPointMethod`).
     """
 
-    DATA_STEPS = ("gradient", "prox")
+    DATA_STEPS = ("gradient", "prox", "auto")
     INJECTS = ("none", "input", "anchor")
     INITIALIZERS = ("task", "wiener")
 
@@ -82,8 +85,9 @@ class DEGRAD(FixedPointMethod):
         super().__init__(solver, backward, log_lipschitz)
         if data_step not in self.DATA_STEPS:
             raise ValueError(f"DEGRAD: data_step must be one of {self.DATA_STEPS}, got {data_step!r}")
-        if data_step == "prox" and eta is not None:
-            raise ValueError("DEGRAD: data_step=prox takes no step size; drop method.eta (or use data_step=gradient)")
+        if data_step in ("prox", "auto") and eta is not None:
+            raise ValueError(f"DEGRAD: data_step={data_step} takes no step size; drop method.eta (or use "
+                             f"data_step=gradient)")
         if not 0 < reg_weight < 1:
             raise ValueError(f"DEGRAD: reg_weight must lie in (0, 1), got {reg_weight}")
         if eta is not None and eta <= 0:
@@ -110,12 +114,19 @@ class DEGRAD(FixedPointMethod):
     def step_size(self, meas: Measurement, like: Tensor) -> Tensor | None:
         """eta per sample; None for ``data_step="prox"``, whose map takes no step (and needs no lambda_max(A^T A),
         a power iteration per batch)."""
-        if self.data_step == "prox":
+        if self.uses_prox(meas):
             return None
         if self.eta is not None:
             return per_sample(self.eta, like)
         L = meas.lambda_max()
         return per_sample(1.0 / (2 * L) if self.reg_relative else 1.0 / (L + 1.0), like)
+
+    def uses_prox(self, meas: Measurement) -> bool:
+        """Whether T is T_prox for this measurement (``data_step``; ``auto`` asks the operator(s))."""
+        if self.data_step != "auto":
+            return self.data_step == "prox"
+        parts = [m for _, m in meas.parts] if isinstance(meas, MixedMeasurement) else [meas]
+        return all(m.physics.prox_is_closed_form() for m in parts)
 
     def prior_weight(self, meas: Measurement, like: Tensor) -> Tensor:
         """lam, or lam L per sample with ``reg_relative`` (L = lambda_max(A^T A), cached on the operator)."""
@@ -156,7 +167,7 @@ class DEGRAD(FixedPointMethod):
         if self.inject != "none" and z0 is None:
             z0 = self.init(meas)
         lam = self.prior_weight(meas, x)
-        if self.data_step == "prox":
+        if self.uses_prox(meas):
             return meas.prox_data(self.N(x, z0), lam)
         return x - eta * (meas.grad(x) + self.regularizer(x, z0, lam))
 
