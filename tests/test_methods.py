@@ -392,3 +392,22 @@ def test_degrad_auto_data_step_follows_the_operators_prox(task, closed_form):
             res = out - (x - eta * (meas.A_adjoint(meas.A(x) - meas.y) + 0.2 * (x - n)))
     assert m.uses_prox(meas) == closed_form
     assert float(res.norm() / out.norm()) < 1e-6
+
+
+def test_degrad_default_starts_at_the_data_prox_of_the_wiener_estimate(tmp_path):
+    """The default config's untrained equilibrium (gate g = 0, so N(x) = z0) is the closed form
+    (A^T A + lam L I)^{-1}(A^T d + lam L z0), z0 the Tikhonov/Wiener estimate; checked through its normal equations."""
+    from jfb_ip.methods.classical import tikhonov
+    from jfb_ip.physics import Deblur
+
+    cfg = compose_cfg("train", TINY, tmp_path)
+    m = hydra.utils.instantiate(cfg.method, _convert_="all").eval()
+    assert float(m.anchor_gate) == 0.0
+    meas = Deblur(kernel_size=5, channels=3).sample(torch.rand(2, 3, 16, 16), seeds=torch.arange(2))
+    with torch.no_grad():
+        x = m(meas).x
+    L = meas.lambda_max().reshape(-1, 1, 1, 1)
+    mu = float(m.reg_weight) * L
+    z0 = tikhonov(meas, float(m.wiener.lam) * L, "gradient")
+    res = meas.A_adjoint(meas.A(x)) + mu * x - meas.A_adjoint(meas.y) - mu * z0
+    assert float(res.norm() / x.norm()) < 1e-4
