@@ -155,7 +155,8 @@ def _diverged_batch_worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
                                          timeout=datetime.timedelta(seconds=120))
     torch.manual_seed(0)
-    module = build_module(compose_cfg("train", TINY, Path(out_dir) / f"cfg{rank}"), {})
+    # paper 000's map: with the anchored default one scalar's gradient differs between the ranks here (closing note)
+    module = build_module(compose_cfg("train", TINY + ["experiment=de_grad_jfb"], Path(out_dir) / f"cfg{rank}"), {})
     x, idx = torch.rand(2, 3, 16, 16), torch.arange(2) + 2 * rank
     bad = torch.full_like(x, float("nan"))
     batch = lambda images: (images, module.seeded_measurement(images, idx, "val"), idx)  # noqa: E731
