@@ -37,5 +37,5 @@ def job_suffix() -> str:
 OmegaConf.register_new_resolver("jfb_ip.short_dirname", short_dirname, replace=True)
 OmegaConf.register_new_resolver("jfb_ip.job_suffix", job_suffix, replace=True)
 # conf/method/degrad.yaml: the network's input channels, doubled when the initializer is injected
-OmegaConf.register_new_resolver("jfb_ip.injected_channels", lambda c, inject: int(c) * (1 if inject in (None, "none") else 2),
-                                replace=True)
+OmegaConf.register_new_resolver("jfb_ip.injected_channels",
+                                lambda c, inject: int(c) * (1 if inject in (None, "none") else 2), replace=True)

@@ -132,6 +132,8 @@ class ReconstructionModule(L.LightningModule):
         self.automatic_optimization = False  # see gradient_clip_val
         self.skipped_samples = 0
         self._skipped_in_a_row = 0
+        # the calibrated parts inside the method still to tune (None: not looked for yet); see _calibrate_method_parts
+        self._untuned_parts: list[CalibratedMethod] | None = None
         self._train_batches = 0  # training batches made so far (all epochs): the key of each step's random stream
         self.test_results: dict[str, Any] = {}
         self.test_examples = None
@@ -157,9 +159,11 @@ class ReconstructionModule(L.LightningModule):
         """Tune the calibrated parts inside a trained method (DEGRAD's ``initializer=wiener``) on its first training
         batch, once: the map it trains depends on them, so they are fixed before the first step (training data,
         never validation or test; the chosen lambda is a buffer, so a resumed run keeps it)."""
-        parts = [m for m in self.method.modules() if isinstance(m, CalibratedMethod) and m is not self.method
-                 and not bool(m.tuned)]
-        for m in parts:
+        if self._untuned_parts is None:  # looked for once: no module walk, and no device read of `tuned`, per step
+            self._untuned_parts = [m for m in self.method.modules() if isinstance(m, CalibratedMethod)
+                                   and m is not self.method and not bool(m.tuned)]
+        while self._untuned_parts:
+            m = self._untuned_parts.pop()
             with torch.no_grad():
                 m.calibrate_start()
                 m.calibrate_update(meas, x, psnr_score)

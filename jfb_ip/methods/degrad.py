@@ -112,8 +112,8 @@ class DEGRAD(FixedPointMethod):
         return torch.sigmoid(self.reg_logit)
 
     def step_size(self, meas: Measurement, like: Tensor) -> Tensor | None:
-        """eta per sample; None for ``data_step="prox"``, whose map takes no step (and needs no lambda_max(A^T A),
-        a power iteration per batch)."""
+        """eta per sample; None where T is T_prox (:meth:`uses_prox`), whose map takes no step (and, without
+        ``reg_relative``, needs no lambda_max(A^T A), a power iteration per batch)."""
         if self.uses_prox(meas):
             return None
         if self.eta is not None:
@@ -140,8 +140,8 @@ class DEGRAD(FixedPointMethod):
             return self.net(x)
         want = getattr(self.net, "in_channels", 2 * x.shape[1])
         if want != 2 * x.shape[1]:
-            raise ValueError(f"DEGRAD: inject={self.inject} feeds the network {2 * x.shape[1]} channels ([x, z0]) but it takes "
-                             f"{want}; set method.net.in_channels to twice data.channels (conf/method/degrad.yaml "
+            raise ValueError(f"DEGRAD: inject={self.inject} feeds the network {2 * x.shape[1]} channels ([x, z0]) "
+                             f"but it takes {want}; set method.net.in_channels to twice data.channels (conf/method/degrad.yaml "
                              f"does this) and method.net.out_channels to data.channels")
         out = self.net(torch.cat([x, z0], 1))
         return z0 + torch.tanh(self.anchor_gate) * out if self.inject == "anchor" else out
