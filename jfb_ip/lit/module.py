@@ -282,6 +282,10 @@ class ReconstructionModule(L.LightningModule):
             x, rec = x[ok], self.method(meas.subset(ok))
         self._train_rec = rec
         loss = rec.loss(x, self.loss_fn, self.method.aux_loss)
+        if rec.penalty is not None:  # the contraction penalty (included in the loss) and the Lip(T) it measured
+            self.log("train/contraction_penalty", rec.penalty.detach(), on_step=True, batch_size=x.shape[0])
+            self.log_dict({"train/solver/lipschitz_T_mean": rec.lipschitz.mean(),
+                           "train/solver/lipschitz_T_max": rec.lipschitz.max()}, on_step=True, batch_size=x.shape[0])
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=x.shape[0])
         self.log("train/psnr", psnr_score(rec.x.detach(), x).mean(), on_step=True, prog_bar=True, batch_size=x.shape[0])
         return loss

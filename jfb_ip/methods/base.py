@@ -23,11 +23,16 @@ class Reconstruction:
     stages: the per-stage estimates x_1 .. x_K of unrolled methods (x_K is ``x``); empty otherwise.
     stats:  the fixed-point solve's :class:`SolverStats` (LUSER: the K inner solves merged, with
             ``parts`` per stage); None for methods without a fixed point.
+    penalty: a differentiable scalar the method adds to the training loss (the contraction penalty of
+            :meth:`FixedPointMethod.contraction_term`), or None.
+    lipschitz: the per-sample Lip(T) estimates that penalty was computed from (detached; for the logs), or None.
     """
 
     x: Tensor
     stages: list[Tensor] = field(default_factory=list)
     stats: SolverStats | None = None
+    penalty: Tensor | None = None
+    lipschitz: Tensor | None = None
 
     def solver_stats(self) -> SolverStats | None:
         """The stats including what backward hooks filled in after the forward pass."""
@@ -41,6 +46,8 @@ class Reconstruction:
         total = loss_fn(sel(self.x), sel(x))
         if aux_loss and len(self.stages) > 1:
             total = total + sum(loss_fn(sel(s), sel(x)) for s in self.stages[:-1])
+        if self.penalty is not None:
+            total = total + self.penalty
         return total
 
 
@@ -148,13 +155,52 @@ class FixedPointMethod(Method):
     """A method whose output is the fixed point of a map T(x; meas) (see :class:`Equilibrium`).
 
     Subclasses with a network ``net`` inside ``T(x, meas, eta)`` and a ``step_size(meas, like)``
-    get :meth:`lipschitz_estimates` (logged at validation when ``log_lipschitz``)."""
+    get :meth:`lipschitz_estimates` (logged at validation when ``log_lipschitz``) and the training-time
+    contraction penalty (:meth:`contraction_term`; ``contraction_penalty`` > 0 turns it on)."""
 
-    def __init__(self, solver: Mapping[str, Any], backward: Mapping[str, Any], log_lipschitz: bool = False):
+    def __init__(self, solver: Mapping[str, Any], backward: Mapping[str, Any], log_lipschitz: bool = False,
+                 contraction_penalty: float = 0.0, contraction_target: float = 0.9, contraction_iters: int = 4):
         super().__init__()
         self.solve = Equilibrium(solver, backward)
         self.backward_mode = self.solve.mode
         self.log_lipschitz = log_lipschitz
+        if not contraction_penalty >= 0:
+            raise ValueError(f"contraction_penalty must be >= 0 (0: off), got {contraction_penalty!r}")
+        if not 0 < contraction_target:
+            raise ValueError(f"contraction_target must be > 0 (the Lip(T) above which the penalty acts; < 1 asks for "
+                             f"a contraction), got {contraction_target!r}")
+        if int(contraction_iters) != contraction_iters or contraction_iters < 1:
+            raise ValueError(f"contraction_iters must be an integer >= 1 (power iterations), got {contraction_iters!r}")
+        self.contraction_penalty = float(contraction_penalty)
+        self.contraction_target = float(contraction_target)
+        self.contraction_iters = int(contraction_iters)
+
+    def contraction_term(self, f: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The contraction penalty ``w * mean_i max(0, ||J_T(x_i)||_2 - rho)^2`` at the fixed points x (training only).
+
+        Nothing in the kernel-normalised network bounds Lip(T) (DnCNN), and where T is the network itself on a
+        subspace (the data prox on unsampled k-space, dropped pixels) training can drive Lip(T) far above 1: the
+        solves then stop converging, and JFB's gradient (which assumes an equilibrium) degrades with them. This
+        measures the local spectral norm of T's Jacobian at each fixed point by ``contraction_iters`` power
+        iterations (no gradient; the estimate is a lower bound that rises with iterations), u the top left
+        singular vector found, and differentiates sigma = ||J_T(x)^T u|| with respect to the weights (one double
+        backward): the penalty pushes the largest local gain below ``rho`` where it is above, and is zero where
+        the map already contracts. A spectral variant of Bai, Koltun & Kolter's Jacobian regularisation
+        ("Stabilizing Equilibrium Models by Jacobian Regularization", ICML 2021), who penalise the Frobenius norm;
+        here the norm that decides convergence. Returns (penalty, per-sample sigma) or (None, None) when off,
+        out of training, or without grad.
+        """
+        if self.contraction_penalty == 0 or not self.training or not torch.is_grad_enabled():
+            return None, None
+        if any(m.training for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            raise ValueError("contraction_penalty needs T to act on each sample separately, and BatchNorm in training "
+                             "mode mixes the batch: set method.net.batch_norm=false or method.contraction_penalty=0")
+        _, u = local_lipschitz(f, x, self.contraction_iters, tol=0.0, return_left=True)
+        z = x.detach().requires_grad_(True)
+        jt_u = torch.autograd.grad(f(z), z, u, create_graph=True)[0]
+        sigma = jt_u.flatten(1).norm(dim=1)
+        penalty = self.contraction_penalty * (sigma - self.contraction_target).clamp_min(0).pow(2).mean()
+        return penalty, sigma.detach()
 
     def network_map(self, meas: Measurement) -> Callable[[Tensor], Tensor]:
         """The network inside T as a map of the image alone (MTDEQ binds its per-sample noise level)."""

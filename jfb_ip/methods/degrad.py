@@ -71,6 +71,8 @@ class DEGRAD(FixedPointMethod):
         learn_reg_weight: train lam with the network.
         log_lipschitz: measure the local Lipschitz constants of N and T on the first validation
             batch of every validation epoch (:meth:`FixedPointMethod.lipschitz_estimates`).
+        contraction_penalty, contraction_target, contraction_iters: the training-time penalty on Lip(T) above the
+            target at the fixed points (:meth:`FixedPointMethod.contraction_term`; 0: off).
         solver, backward: equilibrium options (see :class:`FixedPointMethod`).
     """
 
@@ -81,8 +83,9 @@ class DEGRAD(FixedPointMethod):
     def __init__(self, net: nn.Module, solver: Mapping[str, Any], backward: Mapping[str, Any],
                  eta: float | None = None, reg_weight: float = 0.05, learn_reg_weight: bool = True,
                  log_lipschitz: bool = True, data_step: str = "gradient", inject: str = "none",
-                 initializer: str = "task", reg_relative: bool = False):
-        super().__init__(solver, backward, log_lipschitz)
+                 initializer: str = "task", reg_relative: bool = False, contraction_penalty: float = 0.0,
+                 contraction_target: float = 0.9, contraction_iters: int = 4):
+        super().__init__(solver, backward, log_lipschitz, contraction_penalty, contraction_target, contraction_iters)
         if data_step not in self.DATA_STEPS:
             raise ValueError(f"DEGRAD: data_step must be one of {self.DATA_STEPS}, got {data_step!r}")
         if data_step in ("prox", "auto") and eta is not None:
@@ -179,5 +182,7 @@ class DEGRAD(FixedPointMethod):
         z0 = self.init(meas)
         eta = self.step_size(meas, z0)
         with fixed_weights(self):
-            x, stats = self.solve(self.bound_map(meas, eta, z0), z0, module=self)
-        return Reconstruction(x, stats=stats)
+            f = self.bound_map(meas, eta, z0)
+            x, stats = self.solve(f, z0, module=self)
+            penalty, lip = self.contraction_term(f, x)
+        return Reconstruction(x, stats=stats, penalty=penalty, lipschitz=lip)

@@ -36,12 +36,15 @@ class DEProx(FixedPointMethod):
         averaged: None (S = N), or the initial alpha of the averaged form.
         learn_averaged: train alpha with the network.
         log_lipschitz: measure Lip(N) and Lip(T) at the fixed points at each validation.
+        contraction_penalty, contraction_target, contraction_iters: the training-time penalty on Lip(T) above the
+            target at the fixed points (:meth:`FixedPointMethod.contraction_term`; 0: off).
     """
 
     def __init__(self, net: nn.Module, solver: Mapping[str, Any], backward: Mapping[str, Any],
                  eta: float | None = None, averaged: float | None = None, learn_averaged: bool = True,
-                 log_lipschitz: bool = True):
-        super().__init__(solver, backward, log_lipschitz)
+                 log_lipschitz: bool = True, contraction_penalty: float = 0.0, contraction_target: float = 0.9,
+                 contraction_iters: int = 4):
+        super().__init__(solver, backward, log_lipschitz, contraction_penalty, contraction_target, contraction_iters)
         if eta is not None and eta <= 0:
             raise ValueError(f"DEProx: eta must be > 0 (or null for 1/L), got {eta}")
         if averaged is not None and not 0 < averaged < 1:
@@ -71,5 +74,7 @@ class DEProx(FixedPointMethod):
         z0 = meas.init()
         eta = self.step_size(meas, z0)
         with fixed_weights(self):
-            x, stats = self.solve(lambda x: self.T(x, meas, eta), z0, module=self)
-        return Reconstruction(x, stats=stats)
+            f = self.bound_map(meas, eta)
+            x, stats = self.solve(f, z0, module=self)
+            penalty, lip = self.contraction_term(f, x)
+        return Reconstruction(x, stats=stats, penalty=penalty, lipschitz=lip)

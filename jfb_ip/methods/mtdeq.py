@@ -58,12 +58,15 @@ class MTDEQ(FixedPointMethod):
             weights are copied in before the first forward pass (not at construction, so a trained MTDEQ
             checkpoint rebuilds even where that file is gone: its own weights replace them anyway).
         log_lipschitz: log Lip(Q) and Lip(f) at the fixed points at each validation.
+        contraction_penalty, contraction_target, contraction_iters: the training-time penalty on Lip(f) above the
+            target at the fixed points (:meth:`FixedPointMethod.contraction_term`; 0: off).
         solver, backward: equilibrium options (see :class:`FixedPointMethod`).
     """
 
     def __init__(self, net: nn.Module, solver: Mapping[str, Any], backward: Mapping[str, Any], eta: float = 0.49,
-                 init_from: str | None = None, log_lipschitz: bool = False):
-        super().__init__(solver, backward, log_lipschitz)
+                 init_from: str | None = None, log_lipschitz: bool = False, contraction_penalty: float = 0.0,
+                 contraction_target: float = 0.9, contraction_iters: int = 4):
+        super().__init__(solver, backward, log_lipschitz, contraction_penalty, contraction_target, contraction_iters)
         if not eta > 0:
             raise ValueError(f"MTDEQ: eta must be > 0 (paper 004: 0.49), got {eta!r}")
         self.net, self.eta = net, float(eta)
@@ -97,5 +100,7 @@ class MTDEQ(FixedPointMethod):
         z0 = meas.init()  # paper 004: z_i = P(y_i) (y for blur/completion, bilinear resizing for SR)
         eta = self.step_size(meas, z0)
         with fixed_weights(self):
-            z, stats = self.solve(lambda z: self.T(z, meas, eta), z0, module=self.net)
-        return Reconstruction(z, stats=stats)
+            f = self.bound_map(meas, eta)
+            z, stats = self.solve(f, z0, module=self.net)
+            penalty, lip = self.contraction_term(f, z)
+        return Reconstruction(z, stats=stats, penalty=penalty, lipschitz=lip)

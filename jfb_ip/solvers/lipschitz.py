@@ -10,7 +10,7 @@ from .linear import batch_dot, batch_norm2, per_sample
 
 
 def local_lipschitz(f: Callable[[Tensor], Tensor], x: Tensor, n_iter: int = 30, tol: float = 1e-4,
-                    generator: torch.Generator | None = None) -> Tensor:
+                    generator: torch.Generator | None = None, return_left: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """||J_f(x_i)||_2 per sample (B,), by power iteration on J^T J.
 
     J^T u is one vector-Jacobian product; J v comes from the double-vjp trick
@@ -18,6 +18,8 @@ def local_lipschitz(f: Callable[[Tensor], Tensor], x: Tensor, n_iter: int = 30, 
     ``f`` must act on each sample separately (a batch-block-diagonal Jacobian, e.g. no BatchNorm in
     training mode); the estimate increases towards the true norm and stops when every sample's
     relative change is below ``tol`` or after ``n_iter`` iterations.
+    ``return_left``: also return the unit left vector u = J v / ||J v|| of the last iteration (detached), the
+    direction in which ||J^T u|| is the estimate (what :meth:`FixedPointMethod.contraction_term` differentiates).
     """
     x = x.detach().requires_grad_(True)
     v = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
@@ -29,6 +31,7 @@ def local_lipschitz(f: Callable[[Tensor], Tensor], x: Tensor, n_iter: int = 30, 
         jt_u = torch.autograd.grad(y, x, u, create_graph=True)[0]
         for _ in range(n_iter):
             jv = torch.autograd.grad(jt_u, u, v, retain_graph=True)[0]
+            left = jv.detach()
             jtjv = torch.autograd.grad(y, x, jv, retain_graph=True)[0]
             new = batch_dot(v, jtjv).clamp_min(0).sqrt()
             v = (jtjv / per_sample(batch_norm2(jtjv).clamp_min(1e-30), jtjv)).detach()
@@ -36,4 +39,6 @@ def local_lipschitz(f: Callable[[Tensor], Tensor], x: Tensor, n_iter: int = 30, 
             sigma = new.detach()
             if done:
                 break
+    if return_left:
+        return sigma, left / per_sample(batch_norm2(left).clamp_min(1e-30), left)
     return sigma
