@@ -368,3 +368,17 @@ def test_zoom_out_crops_see_the_photo_at_coarser_scales():
 def test_zoom_out_is_checked(bad):
     with pytest.raises(DatasetError, match="max_zoom_out"):
         NaturalImages("train", 32, 3, 4, max_zoom_out=bad)
+
+
+def test_resized_images_stay_in_the_unit_range():
+    """Antialiased resizing of saturated pixels rounds to 1 + 1.2e-7 (found on a real MR slice with
+    data.dataset.resize=128, which the datamodule's range check then refused): every split's transform clamps."""
+    from torchvision.transforms import v2
+
+    g = torch.Generator().manual_seed(0)
+    images = [(torch.rand(1, 60, 97, generator=g) > 0.3).float() for _ in range(10)]
+    assert max(float(v2.Resize(26, antialias=True)(x).max()) for x in images) > 1.0  # the case exists
+    for split in ("train", "test"):
+        for x in images:
+            y = split_transform(split, 16, resize=26)(x)
+            assert 0.0 <= float(y.min()) and float(y.max()) <= 1.0

@@ -188,6 +188,11 @@ def check_zoom_out(max_zoom_out: object) -> float:
     return float(max_zoom_out)
 
 
+# antialiased bicubic resizing overshoots at sharp edges (an upsampled 0/1 edge rings to about -0.1 and 1.1): back
+# into [0, 1], the range the datamodule checks and the metrics assume (data_range=1)
+CLAMP_01 = functools.partial(torch.clamp, min=0.0, max=1.0)
+
+
 def split_transform(split: str, image_size: int, resize: int | None = None,
                     max_zoom_out: float = 1.0) -> Callable[[Tensor], Tensor]:
     """Every split: optional resize of the shorter side to ``resize`` (same scale in train and test).
@@ -203,7 +208,7 @@ def split_transform(split: str, image_size: int, resize: int | None = None,
                 v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
     else:
         ops += [functools.partial(ensure_min_size, size=image_size), v2.CenterCrop(image_size)]
-    return v2.Compose(ops)
+    return v2.Compose(ops + [CLAMP_01])
 
 
 def _few(items: list, n: int = 3) -> str:
@@ -339,7 +344,7 @@ class CelebA(Dataset):
                 f"{len(missing)} of the {len(names)} {split} images listed in {part} are missing from {self.img_dir} "
                 f"(first: {_few(missing)}); extract all of img_align_celeba.zip there")
         self.files = [self.img_dir / n for n in names]
-        ops = [v2.Resize(resize or self.image_size, antialias=True), v2.CenterCrop(self.image_size)]
+        ops = [v2.Resize(resize or self.image_size, antialias=True), v2.CenterCrop(self.image_size), CLAMP_01]
         if split == "train":
             ops.append(v2.RandomHorizontalFlip())
         self.transform = v2.Compose(ops)
