@@ -202,6 +202,15 @@ class FixedPointMethod(Method):
         penalty = self.contraction_penalty * (sigma - self.contraction_target).clamp_min(0).pow(2).mean()
         return penalty, sigma.detach()
 
+    def solve_map(self, f: Callable[[Tensor], Tensor], z0: Tensor, module: nn.Module) -> Reconstruction:
+        """The fixed point of ``f`` from ``z0`` with the weights fixed for the whole solve (:func:`fixed_weights`),
+        and the training-time contraction penalty at it (:meth:`contraction_term`). ``module``: the network inside
+        ``f``, for :meth:`Equilibrium.__call__`."""
+        with fixed_weights(self):
+            x, stats = self.solve(f, z0, module=module)
+            penalty, lip = self.contraction_term(f, x)
+        return Reconstruction(x, stats=stats, penalty=penalty, lipschitz=lip)
+
     def network_map(self, meas: Measurement) -> Callable[[Tensor], Tensor]:
         """The network inside T as a map of the image alone (MTDEQ binds its per-sample noise level)."""
         return self.net

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..physics import Measurement
 from ..solvers import per_sample
-from .base import FixedPointMethod, Reconstruction, fixed_weights
+from .base import FixedPointMethod, Reconstruction
 
 
 class DEProx(FixedPointMethod):
@@ -73,8 +73,4 @@ class DEProx(FixedPointMethod):
     def forward(self, meas: Measurement) -> Reconstruction:
         z0 = meas.init()
         eta = self.step_size(meas, z0)
-        with fixed_weights(self):
-            f = self.bound_map(meas, eta)
-            x, stats = self.solve(f, z0, module=self)
-            penalty, lip = self.contraction_term(f, x)
-        return Reconstruction(x, stats=stats, penalty=penalty, lipschitz=lip)
+        return self.solve_map(self.bound_map(meas, eta), z0, module=self)

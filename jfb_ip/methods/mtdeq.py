@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..physics import Measurement
 from ..solvers import per_sample
-from .base import FixedPointMethod, Reconstruction, fixed_weights
+from .base import FixedPointMethod, Reconstruction
 from .pnp import load_denoiser
 
 
@@ -99,8 +99,4 @@ class MTDEQ(FixedPointMethod):
         self._initialise()
         z0 = meas.init()  # paper 004: z_i = P(y_i) (y for blur/completion, bilinear resizing for SR)
         eta = self.step_size(meas, z0)
-        with fixed_weights(self):
-            f = self.bound_map(meas, eta)
-            z, stats = self.solve(f, z0, module=self.net)
-            penalty, lip = self.contraction_term(f, z)
-        return Reconstruction(z, stats=stats, penalty=penalty, lipschitz=lip)
+        return self.solve_map(self.bound_map(meas, eta), z0, module=self.net)
