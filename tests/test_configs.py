@@ -211,3 +211,28 @@ def test_paper002_ct_with_deq4ip_trains_on_a_folder_when_shrunk(tmp_path, image_
                                 "method.net.width=8", "task.n_angles=12", "solver.max_iter=5"], tmp_path)
     out = train(cfg)
     assert out["config"]["task"]["n_angles"] == 12 and math.isfinite(out["test"]["model"]["psnr"])
+
+
+def test_method_task_specializations_apply_to_their_pair_only(tmp_path):
+    """conf/method_task/<method>_<task>.yaml (Hydra's specializing configuration) sets its keys for that pair and
+    nothing else: every file names an existing method and task, composing the pair yields the file's values,
+    every other task keeps the method's own default, and the command line and paper-000 experiments still win."""
+    import yaml
+
+    specs = options("method_task")
+    assert "degrad_mri4x" in specs
+    default = yaml.safe_load((Path(CONF) / "method" / "degrad.yaml").read_text())["contraction_penalty"]
+    for spec in specs:
+        pairs = [(m, t) for m in options("method") for t in options("task") if f"{m}_{t}" == spec]
+        assert len(pairs) == 1, f"conf/method_task/{spec}.yaml names no <method>_<task> pair"
+        method, task = pairs[0]
+        values = yaml.safe_load((Path(CONF) / "method_task" / f"{spec}.yaml").read_text())["method"]
+        cfg = compose_cfg("train", [f"method={method}", f"task={task}"], tmp_path)
+        assert {k: cfg.method[k] for k in values} == values
+    penalised = {s.split("_", 1)[1] for s in specs if s.startswith("degrad_")}
+    for task in options("task"):
+        cfg = compose_cfg("train", [f"task={task}"], tmp_path)
+        assert (cfg.method.contraction_penalty != default) == (task in penalised), task
+    assert compose_cfg("train", ["task=mri4x", "method.contraction_penalty=0"], tmp_path).method.contraction_penalty == 0
+    for exp in ("de_grad_jfb", "deq_implicit"):  # paper 000's map has no penalty, whatever the task
+        assert compose_cfg("train", ["task=mri4x", f"experiment={exp}"], tmp_path).method.contraction_penalty == 0

@@ -133,3 +133,29 @@ def test_wiener_baseline_is_tuned_on_validation_even_without_validation_epochs(t
     cfg = compose_cfg("train", TINY + ["trainer.check_val_every_n_epoch=1000"], tmp_path)
     out = train(cfg)
     assert out["test"]["wiener_lambda_tuned_on_val"] is True
+
+
+def test_evaluate_replaces_the_forward_solver(trained, tmp_path):
+    """``solver=`` re-tests a checkpoint with another forward solver (the weights do not depend on it): one
+    plain iteration caps every solve at 1, where no solve meets a 1e-12 tolerance; Anderson with room to run
+    goes further and ends at a smaller residual. The choice is written to metrics.json."""
+    run_dir, _ = trained
+    base = [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer=fast", "trainer.limit_test_batches=null"]
+    capped = evaluate(compose_cfg("evaluate", base + ["solver=fixed_point", "solver.max_iter=1", "solver.tol=1e-12"],
+                                  tmp_path / "capped"))["test"]["solver"]
+    assert capped["fwd_iters_max"] == 1 and capped["converged_fraction"] == 0
+    longer = evaluate(compose_cfg("evaluate", base + ["solver=anderson", "solver.max_iter=40", "solver.tol=1e-5"],
+                                  tmp_path / "longer"))["test"]["solver"]
+    assert longer["fwd_iters_max"] > 1 and longer["fwd_residual_max"] < capped["fwd_residual_max"]
+    saved = json.loads((tmp_path / "longer" / "metrics.json").read_text())
+    assert (saved["solver"]["name"], saved["solver"]["max_iter"]) == ("anderson", 40)
+
+
+def test_evaluate_refuses_a_solver_for_a_method_without_one(tmp_path):
+    out = tmp_path / "lu"
+    train(compose_cfg("train", [o for o in TINY if not o.startswith(("method.", "solver."))]
+                      + ["method=lu_dncnn", "method.net.depth=3", "method.net.width=8", "method.stages=2",
+                         "test=false"], out))
+    cfg = compose_cfg("evaluate", [f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", "solver=anderson"], tmp_path)
+    with pytest.raises(Exception, match="without a forward solve.*drop solver="):
+        evaluate(cfg)

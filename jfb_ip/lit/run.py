@@ -363,14 +363,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     Without ``ckpt_path``: :func:`evaluate_without_checkpoint`."""
     if not cfg.get("ckpt_path"):
         return evaluate_without_checkpoint(cfg)
-    given = [g for g in ("method", "task", "solver", "backward") if cfg.get(g) is not None]
+    given = [g for g in ("method", "task", "backward") if cfg.get(g) is not None]
     if given:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path} brings its own {', '.join(given)}: drop the "
-                          f"{' / '.join(g + '=' for g in given)} override(s) (data= may change)")
+                          f"{' / '.join(g + '=' for g in given)} override(s) (data= and solver= may change)")
     check_run_config(cfg)
     path = Path(cfg.ckpt_path)
     ckpt = load_checkpoint(path)
     train_cfg = OmegaConf.create(ckpt["hyper_parameters"]["run_config"])
+    if cfg.get("solver") is not None:
+        train_cfg = with_forward_solver(train_cfg, cfg.solver, path)
     L.seed_everything(cfg.seed, workers=True)
     # resolved here: interpolations such as data.seed=${seed} point outside the data group
     data_cfg = OmegaConf.create(OmegaConf.to_container(cfg.data if cfg.get("data") else train_cfg.data, resolve=True))
@@ -386,8 +388,35 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     load_weights(module, ckpt, path)
     apply_speed_switches(module, cfg.get("channels_last", False), cfg.get("compile", False))
     trainer = _trainer(cfg, [], _instantiate_dict(cfg.get("logger")))
-    return _test_and_write(cfg, trainer, module, datamodule,
-                           {"ckpt_path": str(path), "data": OmegaConf.to_container(data_cfg, resolve=True)})
+    payload = {"ckpt_path": str(path), "data": OmegaConf.to_container(data_cfg, resolve=True)}
+    if cfg.get("solver") is not None:
+        payload["solver"] = OmegaConf.to_container(cfg.solver, resolve=True)
+    return _test_and_write(cfg, trainer, module, datamodule, payload)
+
+
+def with_forward_solver(run_cfg: DictConfig, solver: DictConfig, path: Path) -> DictConfig:
+    """A checkpoint's run config with its forward solver replaced by ``solver`` (``evaluate.py ckpt_path=...
+    solver=anderson solver.max_iter=200``: does a capped solve converge with more iterations?). The weights do not
+    depend on the solver; the run config stores ``method.solver`` (``${solver}`` at training) resolved, so every
+    ``solver`` node under ``method`` equal to the run's top-level one is swapped."""
+    old = run_cfg.get("solver")
+    swapped = []
+
+    def swap(node: DictConfig, where: str) -> None:
+        for key in list(node.keys()):
+            value = node[key]
+            if key == "solver" and value == old:
+                node[key] = solver
+                swapped.append(f"{where}.{key}")
+            elif isinstance(value, DictConfig):
+                swap(value, f"{where}.{key}")
+
+    swap(run_cfg.method, "method")
+    if old is None or old.get("name") == "none" or not swapped:
+        raise ConfigError(f"the checkpoint {path} holds a method without a forward solve "
+                          f"({run_cfg.method.get('_target_', '?')}): drop solver=")
+    run_cfg.solver = solver
+    return run_cfg
 
 
 def _test_and_write(cfg: DictConfig, trainer: L.Trainer, module: ReconstructionModule, datamodule,

@@ -195,7 +195,9 @@ class FixedPointMethod(Method):
         if any(m.training for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
             raise ValueError("contraction_penalty needs T to act on each sample separately, and BatchNorm in training "
                              "mode mixes the batch: set method.net.batch_norm=false or method.contraction_penalty=0")
-        _, u = local_lipschitz(f, x, self.contraction_iters, tol=0.0, return_left=True)
+        estimate, u = local_lipschitz(f, x, self.contraction_iters, tol=0.0, return_left=True)
+        if (estimate <= self.contraction_target).all():  # the penalty and its gradient are 0: skip the double backward
+            return estimate.new_zeros(()), estimate
         z = x.detach().requires_grad_(True)
         jt_u = torch.autograd.grad(f(z), z, u, create_graph=True)[0]
         sigma = jt_u.flatten(1).norm(dim=1)
