@@ -145,7 +145,7 @@ class _Step(torch.nn.Module):
         return self.module.training_loss(batch)
 
 
-def _diverged_batch_worker(rank: int, init_file: str, out_dir: str) -> None:
+def _diverged_batch_worker(rank: int, init_file: str, out_dir: str, extra: list[str]) -> None:
     """Rank 0's samples all diverge (NaN images), rank 1's do not; then every rank's samples diverge."""
     import copy
     import datetime
@@ -155,10 +155,7 @@ def _diverged_batch_worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
                                          timeout=datetime.timedelta(seconds=120))
     torch.manual_seed(0)
-    # paper 000's map: with the anchored default (gate g = 0, so every network gradient is 0) the NaN rank's anchor_gate
-    # gradient differs from the other rank's after the all-reduce (-6.4e-6 vs -9.8e-5, the latter = half the clean
-    # gradient, as it should); not explained by the Wiener calibration (the same with lambda tuned beforehand)
-    module = build_module(compose_cfg("train", TINY + ["experiment=de_grad_jfb"], Path(out_dir) / f"cfg{rank}"), {})
+    module = build_module(compose_cfg("train", TINY + extra, Path(out_dir) / f"cfg{rank}"), {})
     x, idx = torch.rand(2, 3, 16, 16), torch.arange(2) + 2 * rank
     bad = torch.full_like(x, float("nan"))
     batch = lambda images: (images, module.seeded_measurement(images, idx, "val"), idx)  # noqa: E731
@@ -175,11 +172,14 @@ def _diverged_batch_worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_a_batch_that_diverges_on_one_process_keeps_ddp_in_step(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["experiment=de_grad_jfb"]], ids=["default", "paper000_map"])
+def test_a_batch_that_diverges_on_one_process_keeps_ddp_in_step(tmp_path, extra):
     """Real processes (gloo): a process whose samples all diverge contributes a zero gradient, so the other's
     all-reduce completes and both hold half of its gradient; the step is skipped only when all processes diverged,
-    and the skipped-sample count is the same on every process."""
-    torch.multiprocessing.spawn(_diverged_batch_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    and the skipped-sample count is the same on every process. The default (anchored at a Wiener estimate whose
+    lambda both processes tune together on this batch, gate 0: only its two scalars have a gradient) checks that
+    the NaN process neither shifts the lambda nor aliases its scalars' zero gradients; paper 000's map, the net's."""
+    torch.multiprocessing.spawn(_diverged_batch_worker, args=(str(tmp_path / "init"), str(tmp_path), extra), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for name, g0, g1, alone in zip(r0["names"], r0["grads"], r1["grads"], r1["alone"]):
         assert torch.allclose(g0, g1) and torch.allclose(g1, alone / 2, atol=1e-7), name

@@ -310,6 +310,26 @@ def test_tv_on_a_multitask_batch_equals_per_part_solves():
         assert torch.allclose(out[idx], part) and torch.equal(stats.iterations[idx], part_stats.iterations)
 
 
+def test_a_nan_sample_leaves_the_lambda_search_to_the_others():
+    """A sample whose score is NaN at every lambda (a NaN image: a diverged batch, another DDP process's) adds
+    nothing: the scores equal those of the clean samples alone, scored separately, so the same lambda wins."""
+    from jfb_ip.lit.module import psnr_score
+    from jfb_ip.methods import Wiener
+
+    task = Deblur(kernel_size=5)
+    x = torch.rand(3, 3, 16, 16, dtype=torch.float64)
+    x[2] = float("nan")
+    meas = task.sample(x, seeds=torch.arange(3))
+    grid = [1e-4, 1e-2, 1.0]
+    mixed, clean = Wiener(lambda_grid=grid), Wiener(lambda_grid=grid)
+    mixed.calibrate_update(meas, x, psnr_score)
+    keep = torch.tensor([True, True, False])
+    clean.calibrate_update(meas.subset(keep), x[keep], psnr_score)
+    assert torch.isfinite(mixed.scores).all() and mixed.scores.tolist() == pytest.approx(clean.scores.tolist())
+    mixed.calibrate_end(), clean.calibrate_end()
+    assert mixed.lam.item() == clean.lam.item()
+
+
 def test_tv_method_tunes_lambda_on_validation_only_and_refuses_options():
     shape = (4, 3, 16, 16)
     task = Deblur(kernel_size=5)

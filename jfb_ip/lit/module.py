@@ -273,7 +273,10 @@ class ReconstructionModule(L.LightningModule):
         self._skipped_in_a_row = 0
         if n_bad == x.shape[0]:  # only this process's samples all diverged: a zero loss keeps DDP's all-reduce in step
             self._train_rec = None
-            return sum(p.sum() for p in self.method.parameters() if p.requires_grad) * 0.0
+            # p * 0 per parameter: a fresh zero gradient each. `sum(p.sum()) * 0` hands every 0-d parameter a view of
+            # one shared zero, which autograd stores as .grad without copying: DDP's copy-back from its bucket then
+            # writes every scalar's averaged gradient into the same memory, and the last one wins on this process
+            return sum((p * 0.0).sum() for p in self.method.parameters() if p.requires_grad)
         if n_bad:
             log.warning("step %d: skipped %d diverged/non-finite samples (total %d)", self.global_step, n_bad,
                         self.skipped_samples)

@@ -54,11 +54,14 @@ class CalibratedMethod(Method):
         return self._scores
 
     def calibrate_update(self, meas: Measurement, x: Tensor, score) -> None:
-        """Add ``score(x_hat, x)`` summed over the batch (higher is better) for every lambda."""
+        """Add ``score(x_hat, x)`` summed over the batch (higher is better) for every lambda. A NaN or -inf score
+        (a NaN image, a lambda whose reconstruction blew up) adds nothing: a sample that is NaN at every lambda then
+        leaves the choice to the others (under DDP, to the other processes' batches) instead of making every sum NaN,
+        and a lambda that fails on a sample loses that sample's score."""
         if self._scores is None:
             self.calibrate_start()
         for i, lam in enumerate(self.lambda_grid):
-            self._scores[i] += score(self.reconstruct(meas, lam).x, x).sum().double().cpu()
+            self._scores[i] += score(self.reconstruct(meas, lam).x, x).double().nan_to_num(nan=0.0, neginf=0.0).sum().cpu()
 
     def calibrate_end(self, scores: Tensor | None = None) -> None:
         """Keep the best lambda; ``scores`` may be the all-process sum (DDP) of the local ones."""
