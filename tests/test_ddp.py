@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, TINY, compose_cfg
+from conftest import ROOT, TINY, compose_cfg, for_task
 from jfb_ip.lit.module import psnr_score
 from jfb_ip.lit.run import ConfigError, build_module, check_launch, evaluate, instantiate_group
 from jfb_ip.methods import Wiener
@@ -186,6 +186,45 @@ def test_a_batch_that_diverges_on_one_process_keeps_ddp_in_step(tmp_path, extra)
     assert any(g.abs().sum() > 0 for g in r1["alone"])
     assert r0["skipped"] == r1["skipped"] == 2 and r0["none"] and r1["none"]
     assert r0["skipped_after"] == r1["skipped_after"] == 6 and r0["in_a_row"] == r1["in_a_row"] == 1
+
+
+def _penalty_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """One training loss with the contraction penalty (its power iteration and double backward run inside DDP's
+    forward), on each process's own batch: alone, then under DDP."""
+    import copy
+    import datetime
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=120))
+    torch.manual_seed(0)
+    overrides = for_task(TINY, "mri4x") + ["task=mri4x", "method.contraction_penalty=10.0", "method.inject=input",
+                                           "method.contraction_target=0.01",  # active at the untrained tiny net
+                                           "method.initializer=task"]  # no Wiener lambda tuned per process
+    module = build_module(compose_cfg("train", overrides, Path(out_dir) / f"cfg{rank}"), {})
+    x, idx = torch.rand(2, 1, 16, 16), torch.arange(2) + 2 * rank
+    batch = (x, module.seeded_measurement(x, idx, "val"), idx)
+    alone = copy.deepcopy(module)
+    torch.manual_seed(1)  # the power iteration's random start: the same draw alone and under DDP
+    alone.training_loss(batch).backward()
+    ddp = torch.nn.parallel.DistributedDataParallel(_Step(module))
+    torch.manual_seed(1)
+    ddp(batch).backward()
+    torch.save({"names": [n for n, _ in module.method.named_parameters()],
+                "ddp": [p.grad.clone() for p in module.method.parameters()],
+                "alone": [p.grad.clone() for p in alone.method.parameters()],
+                "penalty": alone._train_rec.penalty.item()}, Path(out_dir) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_the_contraction_penalty_under_ddp_averages_the_processes_gradients(tmp_path):
+    """The penalty's autograd.grad calls inside DDP's forward leave DDP's reducer alone: after backward every
+    process holds the mean of the gradients each process computes on its own batch without DDP."""
+    torch.multiprocessing.spawn(_penalty_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["penalty"] > 0 and r1["penalty"] > 0  # the penalty is active on both processes
+    for name, d0, d1, a0, a1 in zip(r0["names"], r0["ddp"], r1["ddp"], r0["alone"], r1["alone"]):
+        assert torch.allclose(d0, d1) and torch.allclose(d0, (a0 + a1) / 2, rtol=1e-4, atol=1e-8), name
 
 
 def _trainer(strategy: str):
