@@ -211,6 +211,22 @@ def test_every_task_multirun_degrad_and_lu_dncnn(tmp_path):
     assert len(list(tmp_path.glob("*/examples.png"))) == 8
 
 
+def test_every_other_backward_mode_trains_on_super_resolution(tmp_path):
+    """Issue 10: every backward mode on a task other than deblurring (implicit: on MRI, the next test). Two real
+    steps each; inject=none so the network (not only the anchor's gate) gets a gradient, and the modes give
+    different models."""
+    overrides = [o for o in for_task(TINY, "sr2") if not o.startswith("logger=")] + ["method.inject=none"]
+    r = subprocess.run([sys.executable, "train.py", "-m", "task=sr2", "backward=jfb,neumann,unroll,phantom", *overrides,
+                        "logger=none", f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/metrics.json"))]
+    assert sorted(m["config"]["backward"]["mode"] for m in runs) == ["jfb", "neumann", "phantom", "unroll"]
+    assert all(m["config"]["task"]["_target_"].endswith("SuperResolution") and m["train"]["steps"] == 2 for m in runs)
+    psnr = {m["config"]["backward"]["mode"]: m["test"]["model"]["psnr"] for m in runs}
+    assert all(math.isfinite(v) for v in psnr.values()) and psnr["jfb"] != psnr["unroll"]
+
+
 def test_implicit_backward_on_mri_then_evaluate_on_gray_folder(tmp_path, image_folder):
     """A non-deblur task trained with backward=implicit, its checkpoint evaluated on real-slice-like
     grayscale images from a folder (data=folder data.channels=1)."""
