@@ -400,21 +400,22 @@ def with_forward_solver(run_cfg: DictConfig, solver: DictConfig, path: Path) -> 
     depend on the solver; the run config stores ``method.solver`` (``${solver}`` at training) resolved, so every
     ``solver`` node under ``method`` equal to the run's top-level one is swapped."""
     old = run_cfg.get("solver")
-    swapped = []
-
-    def swap(node: DictConfig, where: str) -> None:
-        for key in list(node.keys()):
-            value = node[key]
-            if key == "solver" and value == old:
-                node[key] = solver
-                swapped.append(f"{where}.{key}")
-            elif isinstance(value, DictConfig):
-                swap(value, f"{where}.{key}")
-
-    swap(run_cfg.method, "method")
-    if old is None or old.get("name") == "none" or not swapped:
+    if old is None or old.get("name") == "none":
         raise ConfigError(f"the checkpoint {path} holds a method without a forward solve "
                           f"({run_cfg.method.get('_target_', '?')}): drop solver=")
+
+    def swap(node: DictConfig) -> int:
+        n = 0
+        for key in list(node.keys()):
+            if key == "solver" and node[key] == old:
+                node[key], n = solver, n + 1
+            elif isinstance(node[key], DictConfig):
+                n += swap(node[key])
+        return n
+
+    if not swap(run_cfg.method):
+        raise ConfigError(f"the checkpoint {path}: no method.solver matches its run's solver, so solver= has nothing "
+                          f"to replace; drop solver=")
     run_cfg.solver = solver
     return run_cfg
 

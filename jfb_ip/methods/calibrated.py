@@ -61,7 +61,8 @@ class CalibratedMethod(Method):
         if self._scores is None:
             self.calibrate_start()
         for i, lam in enumerate(self.lambda_grid):
-            self._scores[i] += score(self.reconstruct(meas, lam).x, x).double().nan_to_num(nan=0.0, neginf=0.0).sum().cpu()
+            scores = score(self.reconstruct(meas, lam).x, x).double()
+            self._scores[i] += scores.nan_to_num(nan=0.0, neginf=0.0).sum().cpu()
 
     def calibrate_end(self, scores: Tensor | None = None) -> None:
         """Keep the best lambda; ``scores`` may be the all-process sum (DDP) of the local ones."""
