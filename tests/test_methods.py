@@ -260,10 +260,9 @@ def test_degrad_prox_data_step_reaches_the_gradient_form_equilibrium(task, injec
     solver = {"name": "anderson", "tol": 1e-11, "max_iter": 500}
     fixed = {}
     for step in ("gradient", "prox"):
+        # gate_init=0.7 (anchor): the default gate 0 gives N = z0; open it so the network takes part
         m = DEGRAD(net, solver=solver, backward={"mode": "jfb"}, reg_weight=0.3, data_step=step,
-                   inject=inject).to(D).eval()
-        if inject == "anchor":  # the gate starts at 0 (N = z0); open it so the network takes part
-            m.anchor_gate.data.fill_(0.7)
+                   inject=inject, **({"gate_init": 0.7} if inject == "anchor" else {})).to(D).eval()
         with torch.no_grad():
             rec = m(meas)
         assert bool(rec.stats.converged.all()), (step, rec.stats.residual)
@@ -297,6 +296,8 @@ def test_degrad_prox_step_moves_dropped_pixels_to_the_network_output():
         DEGRAD(net, solver=solver, backward={"mode": "jfb"}, data_step="newton")
     with pytest.raises(ValueError, match="inject must be one of"):
         DEGRAD(net, solver=solver, backward={"mode": "jfb"}, inject=True)
+    with pytest.raises(ValueError, match="gate_init=0.1 sets the anchor gate, which only inject=anchor has"):
+        DEGRAD(net, solver=solver, backward={"mode": "jfb"}, inject="input", gate_init=0.1)
     with pytest.raises(ValueError, match="set method.net.in_channels to twice data.channels"):
         DEGRAD(net, solver=solver, backward={"mode": "jfb"}, inject="anchor")(meas)
 

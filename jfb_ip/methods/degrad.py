@@ -73,6 +73,11 @@ class DEGRAD(FixedPointMethod):
             batch of every validation epoch (:meth:`FixedPointMethod.lipschitz_estimates`).
         contraction_penalty, contraction_target, contraction_iters: the training-time penalty on Lip(T) above the
             target at the fixed points (:meth:`FixedPointMethod.contraction_term`; 0: off).
+        gate_init: the anchor gate's starting value g (``inject="anchor"`` only). 0 (ReZero) starts from the data
+            term's prox at z0, but the network's weights then get no gradient until g has moved, and g's gradient is
+            <net output, loss gradient>, whose sign wanders while the output is random: when the gate opens varies
+            from run to run (README, "How much a single sr4 run says"). A small nonzero g starts the network
+            learning at step 0.
         solver, backward: equilibrium options (see :class:`FixedPointMethod`).
     """
 
@@ -84,7 +89,7 @@ class DEGRAD(FixedPointMethod):
                  eta: float | None = None, reg_weight: float = 0.05, learn_reg_weight: bool = True,
                  log_lipschitz: bool = True, data_step: str = "gradient", inject: str = "none",
                  initializer: str = "task", reg_relative: bool = False, contraction_penalty: float = 0.0,
-                 contraction_target: float = 0.9, contraction_iters: int = 4):
+                 contraction_target: float = 0.9, contraction_iters: int = 4, gate_init: float = 0.0):
         super().__init__(solver, backward, log_lipschitz, contraction_penalty, contraction_target, contraction_iters)
         if data_step not in self.DATA_STEPS:
             raise ValueError(f"DEGRAD: data_step must be one of {self.DATA_STEPS}, got {data_step!r}")
@@ -101,7 +106,10 @@ class DEGRAD(FixedPointMethod):
         if inject not in self.INJECTS:
             raise ValueError(f"DEGRAD: inject must be one of {self.INJECTS}, got {inject!r}")
         self.inject = inject
-        self.anchor_gate = nn.Parameter(torch.zeros(())) if inject == "anchor" else None
+        if gate_init != 0 and inject != "anchor":
+            raise ValueError(f"DEGRAD: gate_init={gate_init} sets the anchor gate, which only inject=anchor has "
+                             f"(got inject={inject!r}): drop method.gate_init or set method.inject=anchor")
+        self.anchor_gate = nn.Parameter(torch.tensor(float(gate_init))) if inject == "anchor" else None
         if initializer not in self.INITIALIZERS:
             raise ValueError(f"DEGRAD: initializer must be one of {self.INITIALIZERS}, got {initializer!r}")
         self.initializer = initializer
