@@ -106,6 +106,9 @@ class DEGRAD(FixedPointMethod):
         if inject not in self.INJECTS:
             raise ValueError(f"DEGRAD: inject must be one of {self.INJECTS}, got {inject!r}")
         self.inject = inject
+        if not math.isfinite(gate_init):
+            raise ValueError(f"DEGRAD: gate_init must be a finite number (the anchor gate's starting g), "
+                             f"got {gate_init!r}")
         if gate_init != 0 and inject != "anchor":
             raise ValueError(f"DEGRAD: gate_init={gate_init} sets the anchor gate, which only inject=anchor has "
                              f"(got inject={inject!r}): drop method.gate_init or set method.inject=anchor")
