@@ -382,3 +382,44 @@ def test_resized_images_stay_in_the_unit_range():
         for x in images:
             y = split_transform(split, 16, resize=26)(x)
             assert 0.0 <= float(y.min()) and float(y.max()) <= 1.0
+
+
+def _dihedral(x: torch.Tensor) -> list[torch.Tensor]:
+    rots = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
+    return rots + [r.flip(-1) for r in rots]
+
+
+@pytest.mark.parametrize("rot90,expected", [(False, 4), (True, 8)])
+def test_rot90_adds_the_transposed_half_of_the_square_symmetries(rot90, expected):
+    x = torch.arange(3 * 8 * 8, dtype=torch.float32).reshape(3, 8, 8) / 192  # no two symmetries coincide
+    group = _dihedral(x)
+    transform = split_transform("train", 8, rot90=rot90)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        y = transform(x)
+        hits = [k for k, g in enumerate(group) if torch.equal(y, g)]
+        assert len(hits) == 1
+        seen.add(hits[0])
+    assert len(seen) == expected
+
+
+def test_channel_shuffle_reorders_colour_channels_only():
+    import itertools
+
+    x = torch.stack([torch.full((8, 8), v) for v in (0.1, 0.5, 0.9)])
+    perms = list(itertools.permutations(range(3)))
+    transform = split_transform("train", 8, channel_shuffle=True)
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(100):
+        y = transform(x)
+        seen.add(next(p for p in perms if torch.equal(y, x[list(p)])))
+    assert len(seen) == 6
+    assert all(torch.equal(split_transform("train", 8)(x)[:, 0, 0], x[:, 0, 0]) for _ in range(20))
+
+
+@pytest.mark.parametrize("key", ["rot90", "channel_shuffle"])
+def test_augmentation_switches_must_be_booleans(key):
+    with pytest.raises(DatasetError, match=key):
+        NaturalImages("train", 32, 3, 4, **{key: "yes"})

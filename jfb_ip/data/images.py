@@ -195,10 +195,13 @@ CLAMP_01 = functools.partial(torch.clamp, min=0.0, max=1.0)
 
 
 def split_transform(split: str, image_size: int, resize: int | None = None,
-                    max_zoom_out: float = 1.0) -> Callable[[Tensor], Tensor]:
+                    max_zoom_out: float = 1.0, rot90: bool = False,
+                    channel_shuffle: bool = False) -> Callable[[Tensor], Tensor]:
     """Every split: optional resize of the shorter side to ``resize`` (same scale in train and test).
     Train: optional random zoom-out (:class:`RandomZoomOut`), random crop (reflect-padded if the image
-    is smaller, upsampled if under half the crop) + flips.
+    is smaller, upsampled if under half the crop) + flips; with ``rot90`` also a random transpose (with the
+    flips: all eight rotations and reflections of the square), with ``channel_shuffle`` a random order of the
+    colour channels.
     Val/test: center crop (upsampled first if smaller): the same pixels every time."""
     ops: list = [v2.Resize(resize, antialias=True)] if resize else []
     if split == "train":
@@ -207,6 +210,10 @@ def split_transform(split: str, image_size: int, resize: int | None = None,
         ops += [functools.partial(ensure_min_size, size=image_size, reflect_pad=True),
                 v2.RandomCrop(image_size, pad_if_needed=True, padding_mode="reflect"),
                 v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+        if rot90:
+            ops.append(v2.RandomApply([v2.Lambda(functools.partial(torch.transpose, dim0=-2, dim1=-1))]))
+        if channel_shuffle:
+            ops.append(v2.RandomChannelPermutation())
     else:
         ops += [functools.partial(ensure_min_size, size=image_size), v2.CenterCrop(image_size)]
     return v2.Compose(ops + [CLAMP_01])

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from .images import (DatasetError, DatasetNotFoundError, check_channels, check_int, check_zoom_out, ensure_min_size,
                      load_image, split_transform)
+from .synthetic import dead_leaves as draw_dead_leaves
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,35 @@ def _load(name: str, channels: int) -> Tensor:
     if not path.is_file():
         raise DatasetNotFoundError(f"scikit-image sample {path} is missing; reinstall scikit-image (make install)")
     return load_image(path, channels)
+
+
+# disks smaller than this are finer than the blurs the tasks use; drawing them would only slow generation
+DEAD_LEAVES_R_MIN = 2.0
+
+
+def check_fraction(key: str, value: object) -> float:
+    """``value`` if it is a number in [0, 1], else a DatasetError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise DatasetError(f"{key}={value!r} is invalid: it must be a number in [0, 1]")
+    return float(value)
+
+
+def check_bool(key: str, value: object) -> bool:
+    """``value`` if it is true or false, else a DatasetError naming ``key``."""
+    if not isinstance(value, bool):
+        raise DatasetError(f"{key}={value!r} is invalid: use true or false")
+    return value
+
+
+def photo_palette(images: list[Tensor], n: int = 4096) -> Tensor:
+    """``(C, n)`` colours of pixels drawn evenly from ``images`` (a fixed draw: the same palette every run)."""
+    g = torch.Generator().manual_seed(0)
+    cols = []
+    for k, img in enumerate(images):
+        flat = img.flatten(1)
+        m = n // len(images) + (k < n % len(images))
+        cols.append(flat[:, torch.randint(flat.shape[1], (m,), generator=g)])
+    return torch.cat(cols, 1)
 
 
 def n_tiles(img: Tensor, size: int) -> int:
@@ -80,13 +110,19 @@ class NaturalImages(Dataset):
             this many are made; asking for more than the photos' tiles hold is a DatasetError.
         max_zoom_out: training crops see the photos downscaled by a random factor in [1, max_zoom_out]
             (:class:`~jfb_ip.data.images.RandomZoomOut`; 1: off).
+        dead_leaves: the fraction of training crops that are generated dead-leaves images
+            (:func:`~jfb_ip.data.synthetic.dead_leaves`, disks coloured like the training photos' pixels)
+            instead of photo crops; 0: photos only.
+        rot90, channel_shuffle: training crops also randomly transposed (all eight rotations and reflections
+            with the flips) / their colour channels randomly reordered (:func:`~jfb_ip.data.images.split_transform`).
 
     The photos are embedded: there is no ``root`` (ImageDataModule rejects ``data.root``).
     Photos whose shorter side is below ``image_size`` are upsampled, with one logged warning.
     """
 
     def __init__(self, split: str, image_size: int = 48, channels: int = 3, train_samples: int = 512,
-                 eval_crops: int = 32, max_zoom_out: float = 1.0):
+                 eval_crops: int = 32, max_zoom_out: float = 1.0, dead_leaves: float = 0.0, rot90: bool = False,
+                 channel_shuffle: bool = False):
         if split not in NATURAL_SPLITS:
             raise DatasetError(f"NaturalImages: split must be one of {list(NATURAL_SPLITS)}, got {split!r}")
         self.split = split
@@ -104,7 +140,11 @@ class NaturalImages(Dataset):
         self.images = [ensure_min_size(p, image_size) for p in photos]
         if split == "train":
             self.length = train_samples
-            self.transform = split_transform("train", image_size, max_zoom_out=max_zoom_out)
+            self.transform = split_transform("train", image_size, max_zoom_out=max_zoom_out,
+                                             rot90=check_bool("data.dataset.rot90", rot90),
+                                             channel_shuffle=check_bool("data.dataset.channel_shuffle", channel_shuffle))
+            self.dead_leaves = check_fraction("data.dataset.dead_leaves", dead_leaves)
+            self.palette = photo_palette(self.images) if self.dead_leaves else None
         else:
             capacity = [n_tiles(img, image_size) for img in self.images]
             if eval_crops > sum(capacity):
@@ -122,6 +162,8 @@ class NaturalImages(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         if self.split == "train":
+            if self.dead_leaves and float(torch.rand(())) < self.dead_leaves:
+                return draw_dead_leaves(self.image_size, self.palette, r_min=DEAD_LEAVES_R_MIN), i
             img = self.images[int(torch.randint(len(self.images), (1,)))]
             return self.transform(img).contiguous(), i
         return self.crops[i].contiguous(), i
