@@ -54,7 +54,7 @@ def test_dead_leaves_images_take_palette_colours_at_every_pixel():
     assert len({tuple(p.tolist()) for p in pixels}) > 1  # more than one disk is seen
 
 
-def test_natural_images_mix_in_dead_leaves_at_the_asked_fraction():
+def test_dead_leaves_crops_take_colours_of_the_training_photos():
     photos = NaturalImages("train", 32, 3, 64)
     palette = photo_palette(photos.images, n=512)
     assert palette.shape == (3, 512)
