@@ -51,6 +51,20 @@ def check_int(key: str, value: object, minimum: int, allow_none: bool = False) -
     return int(value)
 
 
+def check_fraction(key: str, value: object) -> float:
+    """``value`` if it is a number in [0, 1], else a DatasetError naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise DatasetError(f"{key}={value!r} is invalid: it must be a number in [0, 1]")
+    return float(value)
+
+
+def check_bool(key: str, value: object) -> bool:
+    """``value`` if it is true or false, else a DatasetError naming ``key``."""
+    if not isinstance(value, bool):
+        raise DatasetError(f"{key}={value!r} is invalid: use true or false")
+    return value
+
+
 def check_channels(channels: object) -> int:
     """1 (grayscale) or 3 (RGB): the only channel counts the images are converted to."""
     if isinstance(channels, bool) or channels not in (1, 3):

@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .images import (DatasetError, DatasetNotFoundError, check_channels, check_int, check_zoom_out, ensure_min_size,
-                     load_image, split_transform)
+from .images import (DatasetError, DatasetNotFoundError, check_bool, check_channels, check_fraction, check_int,
+                     check_zoom_out, ensure_min_size, load_image, split_transform)
 from .synthetic import dead_leaves as draw_dead_leaves
 
 log = logging.getLogger(__name__)
@@ -41,20 +41,6 @@ def _load(name: str, channels: int) -> Tensor:
 
 # disks smaller than this are finer than the blurs the tasks use; drawing them would only slow generation
 DEAD_LEAVES_R_MIN = 2.0
-
-
-def check_fraction(key: str, value: object) -> float:
-    """``value`` if it is a number in [0, 1], else a DatasetError naming ``key``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise DatasetError(f"{key}={value!r} is invalid: it must be a number in [0, 1]")
-    return float(value)
-
-
-def check_bool(key: str, value: object) -> bool:
-    """``value`` if it is true or false, else a DatasetError naming ``key``."""
-    if not isinstance(value, bool):
-        raise DatasetError(f"{key}={value!r} is invalid: use true or false")
-    return value
 
 
 def photo_palette(images: list[Tensor], n: int = 4096) -> Tensor:
@@ -131,6 +117,9 @@ class NaturalImages(Dataset):
         train_samples = check_int("data.dataset.train_samples", train_samples, 1)
         eval_crops = check_int("data.dataset.eval_crops", eval_crops, 1)
         max_zoom_out = check_zoom_out(max_zoom_out)
+        rot90 = check_bool("data.dataset.rot90", rot90)
+        channel_shuffle = check_bool("data.dataset.channel_shuffle", channel_shuffle)
+        dead_leaves = check_fraction("data.dataset.dead_leaves", dead_leaves)
         names = NATURAL_SPLITS[split]
         photos = [_load(n, channels) for n in names]
         small = [f"{n} ({p.shape[-1]}x{p.shape[-2]})" for n, p in zip(names, photos) if min(p.shape[-2:]) < image_size]
@@ -140,10 +129,9 @@ class NaturalImages(Dataset):
         self.images = [ensure_min_size(p, image_size) for p in photos]
         if split == "train":
             self.length = train_samples
-            self.transform = split_transform("train", image_size, max_zoom_out=max_zoom_out,
-                                             rot90=check_bool("data.dataset.rot90", rot90),
-                                             channel_shuffle=check_bool("data.dataset.channel_shuffle", channel_shuffle))
-            self.dead_leaves = check_fraction("data.dataset.dead_leaves", dead_leaves)
+            self.transform = split_transform("train", image_size, max_zoom_out=max_zoom_out, rot90=rot90,
+                                             channel_shuffle=channel_shuffle)
+            self.dead_leaves = dead_leaves
             self.palette = photo_palette(self.images) if self.dead_leaves else None
         else:
             capacity = [n_tiles(img, image_size) for img in self.images]
