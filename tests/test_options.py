@@ -55,6 +55,45 @@ def test_a_capped_solve_is_not_reported_as_converged():
     assert done.converged.all() and (done.iterations < 50).all()
 
 
+def test_training_solves_stop_at_train_tol_and_the_rest_at_tol():
+    """Plain iteration on f(z) = z/2 + 1 from 0: z_k = 2 - 2^(1-k), so ||f(z_k) - z_k|| / ||f(z_k)|| =
+    2^-k / (2 - 2^-k), first <= 1e-2 at k = 6 and <= 1e-4 at k = 13: a training solve takes 7 fewer iterations."""
+    from jfb_ip.methods.base import Equilibrium
+
+    solve = Equilibrium({"name": "fixed_point", "tol": 1e-4, "max_iter": 50, "train_tol": 1e-2}, {"mode": "jfb"})
+    _, train = solve(contraction, torch.zeros(2, 3), training=True)
+    _, test = solve(contraction, torch.zeros(2, 3))
+    assert (test.iterations - train.iterations == 13 - 6).all()
+    assert (train.residual <= 1e-2).all() and (train.residual > 1e-4).all() and (test.residual <= 1e-4).all()
+    assert train.converged.all() and test.converged.all()
+    _, same = Equilibrium({"name": "fixed_point", "tol": 1e-4, "max_iter": 50, "train_tol": None},
+                          {"mode": "jfb"})(contraction, torch.zeros(2, 3), training=True)
+    assert torch.equal(same.iterations, test.iterations)  # null: training solves to tol
+
+
+def test_methods_solve_to_train_tol_in_training_mode(tmp_path):
+    from jfb_ip.data import NaturalImages
+
+    for method in ("degrad", "luser_sw"):
+        cfg = compose_cfg("train", [f"method={method}", "solver.tol=1e-5", "solver.train_tol=0.05",
+                                    "solver.max_iter=200"], tmp_path)
+        torch.manual_seed(0)
+        m = hydra.utils.instantiate(cfg.method, _convert_="all")
+        ds = NaturalImages("val", 32, 3, eval_crops=2)
+        meas = hydra.utils.instantiate(cfg.task).sample(torch.stack([ds[i][0] for i in range(2)]),
+                                                        seeds=torch.arange(2))
+        residuals = {}
+        for training in (True, False):
+            m.train(training)
+            with torch.no_grad():
+                stats = m(meas).stats
+            parts = stats.parts or [stats]
+            residuals[training] = torch.stack([p.residual for p in parts])
+            assert all(p.converged.all() for p in parts), method
+        assert (residuals[False] <= 1e-5).all() and (residuals[True] <= 0.05).all(), method
+        assert residuals[True].max() > 1e-5, method  # the training solves stopped early
+
+
 @pytest.mark.parametrize("mode", sorted(BACKWARD_MODES))
 def test_one_exploding_sample_leaves_the_others_gradient_finite(mode):
     """Sample 1 of f(z) = a_i z + w x explodes (a_1 = 3); masking it out of the loss must leave a finite
@@ -96,7 +135,8 @@ def test_solver_group_reaches_the_method(tmp_path):
 
 def test_bad_values_fail_when_the_method_is_built(tmp_path):
     for extra, match in ((["solver.max_iter=0"], "max_iter must be"), (["solver.tol=-1"], "tol must be"),
-                         (["backward=neumann", "backward.neumann_k=-1"], "neumann_k must be")):
+                         (["backward=neumann", "backward.neumann_k=-1"], "neumann_k must be"),
+                         (["solver.train_tol=-1"], "solver.train_tol must be")):
         cfg = compose_cfg("train", extra, tmp_path)
         with pytest.raises(Exception, match=match):
             hydra.utils.instantiate(cfg.method, _convert_="all")

@@ -82,5 +82,6 @@ class LUSER(UnrolledMethod):
     def prox(self, k: int, d: Tensor):
         block = self.blocks[k % len(self.blocks)]
         injected = block.inject(d)
-        r, stats = self.solve(lambda r: block.step(r, injected), torch.zeros_like(d), module=block)
+        r, stats = self.solve(lambda r: block.step(r, injected), torch.zeros_like(d), module=block,
+                               training=self.training)
         return d + r, stats
