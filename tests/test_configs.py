@@ -216,23 +216,38 @@ def test_paper002_ct_with_deq4ip_trains_on_a_folder_when_shrunk(tmp_path, image_
 def test_method_task_specializations_apply_to_their_pair_only(tmp_path):
     """conf/method_task/<method>_<task>.yaml (Hydra's specializing configuration) sets its keys for that pair and
     nothing else: every file names an existing method and task, composing the pair yields the file's values,
-    every other task keeps the method's own default, and the command line and paper-000 experiments still win."""
+    every other pair keeps the defaults, and the command line and paper-000 experiments still win."""
     import yaml
+    from omegaconf import OmegaConf
+
+    def flat(d, prefix=""):  # {"a": {"b": 1}} -> {"a.b": 1}
+        return {k: v for key, val in d.items()
+                for k, v in (flat(val, f"{prefix}{key}.") if isinstance(val, dict) else {f"{prefix}{key}": val}).items()}
 
     specs = options("method_task")
-    assert "degrad_mri4x" in specs
-    default = yaml.safe_load((Path(CONF) / "method" / "degrad.yaml").read_text())["contraction_penalty"]
+    assert {"degrad_mri4x", "degrad_deblur"} <= set(specs)
+    specialised = {}
     for spec in specs:
         pairs = [(m, t) for m in options("method") for t in options("task") if f"{m}_{t}" == spec]
         assert len(pairs) == 1, f"conf/method_task/{spec}.yaml names no <method>_<task> pair"
-        method, task = pairs[0]
-        values = yaml.safe_load((Path(CONF) / "method_task" / f"{spec}.yaml").read_text())["method"]
+        values = flat(yaml.safe_load((Path(CONF) / "method_task" / f"{spec}.yaml").read_text()))
+        cfg = compose_cfg("train", [f"method={pairs[0][0]}", f"task={pairs[0][1]}"], tmp_path)
+        assert {k: OmegaConf.select(cfg, k) for k in values} == values, spec
+        specialised[pairs[0]] = values
+    # a key set for one pair keeps the group's own default everywhere else (DE-GRAD on every task, tested method x
+    # deblur pairs), read from a composition that cannot pick up any method_task file
+    for method, task in [("degrad", t) for t in options("task")] + [(m, "deblur") for m in ("deprox", "luser_sw")]:
         cfg = compose_cfg("train", [f"method={method}", f"task={task}"], tmp_path)
-        assert {k: cfg.method[k] for k in values} == values
-    penalised = {s.split("_", 1)[1] for s in specs if s.startswith("degrad_")}
-    for task in options("task"):
-        cfg = compose_cfg("train", [f"task={task}"], tmp_path)
-        assert (cfg.method.contraction_penalty != default) == (task in penalised), task
+        base = compose_cfg("train", [f"method={method}", f"task={task}", "~method_task"], tmp_path)
+        own = specialised.get((method, task), {})
+        for key in {k for values in specialised.values() for k in values} - set(own):
+            assert OmegaConf.select(cfg, key) == OmegaConf.select(base, key), (method, task, key)
     assert compose_cfg("train", ["task=mri4x", "method.contraction_penalty=0"], tmp_path).method.contraction_penalty == 0
-    for exp in ("de_grad_jfb", "deq_implicit"):  # paper 000's map has no penalty, whatever the task
-        assert compose_cfg("train", ["task=mri4x", f"experiment={exp}"], tmp_path).method.contraction_penalty == 0
+    cli = compose_cfg("train", ["trainer.max_steps=5", "solver.train_tol=null", "module.loss._target_=torch.nn.MSELoss"],
+                      tmp_path)
+    assert (cli.trainer.max_steps, cli.solver.train_tol, cli.module.loss._target_) == (5, None, "torch.nn.MSELoss")
+    for exp in ("de_grad_jfb", "deq_implicit"):  # paper 000's map, loss and solves, whatever the task
+        cfg = compose_cfg("train", ["task=mri4x", f"experiment={exp}"], tmp_path)
+        assert cfg.method.contraction_penalty == 0
+        cfg = compose_cfg("train", [f"experiment={exp}"], tmp_path)
+        assert (cfg.module.loss._target_, cfg.method.solver.train_tol) == ("torch.nn.MSELoss", None)

@@ -127,7 +127,8 @@ def test_on_exception_checkpoint_never_overwrites_an_earlier_one(tmp_path):
     class Trainer:
         global_step = 0
 
-        def save_checkpoint(self, path):
+        def save_checkpoint(self, path, weights_only=None):
+            assert weights_only is False  # the full training state (optimizer, loops), or it could not be resumed
             Path(path).write_text(f"step {self.global_step}")
 
     cb, trainer = KeepingOnExceptionCheckpoint(tmp_path), Trainer()

@@ -53,7 +53,10 @@ def run(names: list[str], steps: int, image_size: int, batch: int, out: Path, ex
         run_dir = out / name
         shutil.rmtree(run_dir, ignore_errors=True)  # a run directory with last.ckpt would be resumed
         scale = [] if paper_sizes else CPU_SCALE.get(name, [])
-        cmd = [sys.executable, "-m", "jfb_ip.train", *RUNS[name], *scale, f"trainer.max_steps={steps}", f"data.image_size={image_size}",
+        # one loss and exact training solves for every method (conf/method_task/degrad_deblur.yaml would give DE-GRAD
+        # on deblurring the L1 loss and solver.train_tol=1e-2 alone); LU-DnCNN has no solver to set
+        same = ["module.loss._target_=torch.nn.MSELoss"] + ([] if name == "lu_dncnn" else ["solver.train_tol=null"])
+        cmd = [sys.executable, "-m", "jfb_ip.train", *RUNS[name], *scale, *same, f"trainer.max_steps={steps}", f"data.image_size={image_size}",
                f"data.batch_size={batch}", f"data.eval_batch_size={batch}", "logger=csv",
                "trainer.enable_progress_bar=false", "trainer.check_val_every_n_epoch=1000", *extra,  # validated once at the end
                f"hydra.run.dir={run_dir}"]

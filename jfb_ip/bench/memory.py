@@ -23,7 +23,7 @@ What "memory" is:
      optimistic bound (no allocator slack, no CUDA context, no solver buffers).
 
 Sweeps: stages K via ``method.stages=K`` for lu_dncnn and luser_dw (luser_sw at K = 8, the paper's);
-forward iterations N via ``solver.max_iter=N solver.tol=0`` for degrad (so exactly N
+forward iterations N via ``solver.max_iter=N solver.tol=0 solver.train_tol=0`` for degrad (so exactly N
 iterations run; the implicit backward solve then also runs N). The paper's deblurring set-up is
 128x128 RGB; its DEQ4IP regulariser is the 17x64 DnCNN (``--paper-sizes`` sets degrad's net to it).
 """
@@ -65,7 +65,10 @@ def build(name: str, task: str, point: int, channels: int, paper_sizes: bool = F
     cfg_name, backward, kind = METHODS[name]
     ov = [f"method={cfg_name}", f"task={task}", f"data.channels={channels}"]
     ov += [f"backward={backward}"] if backward else []
-    ov += [f"method.stages={point}"] if kind == "stages" else [f"solver.max_iter={point}", "solver.tol=0"]
+    if kind == "stages":
+        ov += [f"method.stages={point}"]
+    else:  # tol 0 in and out of training (conf/method_task may loosen training's solves): exactly N iterations
+        ov += [f"solver.max_iter={point}", "solver.tol=0", "solver.train_tol=0"]
     if paper_sizes and cfg_name == "degrad":
         ov += ["method.net.depth=17", "method.net.width=64"]
     cfg = compose_train(ov)

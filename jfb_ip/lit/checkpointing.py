@@ -67,7 +67,7 @@ class KeepingOnExceptionCheckpoint(Checkpoint):
 
     def on_exception(self, trainer, *_: Any, **__: Any) -> None:
         path = self._free_path()
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state: resumable
         self.saved_path = path
         log.warning("training stopped at step %d by an exception; its state is in %s (resume: ckpt_path=%s)",
                     trainer.global_step, path, path)

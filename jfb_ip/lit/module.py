@@ -352,7 +352,7 @@ class ReconstructionModule(L.LightningModule):
             if lipschitz is not None and not torch.is_inference_mode_enabled():  # local Lipschitz constants of the network and the map at real inputs
                 # eager even with compile=true: the estimate differentiates twice, which compiled graphs cannot
                 with torch.compiler.set_stance("force_eager"):
-                    estimates = lipschitz(meas)
+                    estimates = lipschitz(meas, rec=rec)
                 self.log_dict({f"val/solver/{k}": v for k, v in estimates.items()}, batch_size=x.shape[0],
                               sync_dist=True)
             self._val_images = (x[:4], meas.as_image()[:4], rec.x[:4].clamp(0, 1))

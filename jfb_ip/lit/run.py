@@ -285,7 +285,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             # on validation data, never on the test set
             trainer.validate(module, datamodule=datamodule, verbose=False)
         if not trainer.fast_dev_run:
-            trainer.save_checkpoint(last)
+            trainer.save_checkpoint(last, weights_only=False)  # the full training state, to resume from
     payload: dict[str, Any] = {"config": {k: v for k, v in run_config.items()
                                           if k in ("method", "task", "solver", "backward", "data", "seed")}}
     # the last validation epoch's values (the weights of last.ckpt): what `optimized_metric` picks for a sweeper

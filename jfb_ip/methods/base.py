@@ -236,7 +236,8 @@ class FixedPointMethod(Method):
         """T as a map of the image alone, with whatever it needs from ``meas`` computed once (DEGRAD's z0)."""
         return lambda x: self.T(x, meas, eta)
 
-    def lipschitz_estimates(self, meas: Measurement, n_iter: int = 20) -> dict[str, float]:
+    def lipschitz_estimates(self, meas: Measurement, n_iter: int = 20,
+                            rec: Reconstruction | None = None) -> dict[str, float]:
         """Local Lipschitz constants of the network and of T at this batch's fixed points (power
         iteration on J^T J; mean and max over samples). Theorem 3.1 of paper 000 needs Lip(T) < 1 for
         a contraction; whether the network's normalisation guarantees it is said in DnCNN's docstring.
@@ -245,11 +246,13 @@ class FixedPointMethod(Method):
         equilibrium. If T contracts with factor q near z*, ||z - z*|| <= ||T(z) - z|| / (1 - q), so
         relative to ||T(z)|| the error is at most residual / (1 - q); where q >= 1 there is no bound
         (``equilibrium_unbounded_fraction`` counts those samples). A residual under
-        ``tol`` pins z* down only to that: large where eta lam (1 - Lip N) is small (inpainting holes)."""
+        ``tol`` pins z* down only to that: large where eta lam (1 - Lip N) is small (inpainting holes).
+        ``rec``: this method's output on ``meas`` where the caller has it (validation), so it is not solved again."""
         if not self.log_lipschitz:
             return {}
-        with torch.no_grad():
-            rec = self(meas)
+        if rec is None:
+            with torch.no_grad():
+                rec = self(meas)
         z = rec.x
         eta = self.step_size(meas, z)
         g = torch.Generator(device=z.device).manual_seed(0)
