@@ -319,9 +319,9 @@ class ReconstructionModule(L.LightningModule):
         """Once per run: the gradient of this step is not the implicit one and may not descend."""
         self._warned_backward = True
         log.warning("step %d: the backward solve's relative residual is %.3g (> %g): the truncated Neumann series or "
-                    "the backward iteration is growing, because Lip(T) > 1 at these fixed points, so this gradient is "
-                    "not the implicit one and training can collapse (backward=neumann on the deblurring default did, "
-                    "near step 115). Use backward=jfb or backward=implicit, or make T contractive "
+                    "the backward iteration is not converging (usually: Lip(T) > 1 at these fixed points), so this "
+                    "gradient is not the implicit one and training can collapse (backward=neumann on the deblurring "
+                    "default did, near step 115). Use backward=jfb or backward=implicit, or make T contractive "
                     "(method.net.norm_mode=operator, method.contraction_penalty > 0); metrics.json's "
                     "train.bwd_growing_fraction counts such steps", self.global_step, residual, BACKWARD_GROWING)
 
