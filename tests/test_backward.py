@@ -181,3 +181,22 @@ def test_unknown_backward_options_are_errors():
 def test_cg_backward_reports_its_own_iterations(data):
     _, stats = grads(make("implicit", backward_solver="cg", backward_tol=1e-8, backward_max_iter=500), data)
     assert (stats.backward_iterations > 0).all() and (stats.backward_iterations < 500).all()
+
+
+def test_neumann_stops_each_sample_at_its_smallest_term():
+    """f(z) = a z + b per sample: J = a I, so dL/db = sum_{i<=j} a^i g with g = dL/dz* = 1. Where |a| < 1 the
+    terms shrink and all k are summed (a = -0.9 alternates: the sum 0.181 is smaller than its last term);
+    where |a| > 1 they grow and the sum stops at the smallest term, g itself (j = 0: JFB's gradient)."""
+    a = torch.tensor([-1.5, 0.5, -0.9], dtype=D).reshape(3, 1)
+    b = torch.ones(3, 4, dtype=D, requires_grad=True)
+    k = 3
+    z, stats = equilibrium(lambda z: a * z + b, torch.zeros(3, 4, dtype=D), forward="anderson", backward="neumann",
+                           backward_options={"neumann_k": k}, tol=1e-12, max_iter=50)
+    assert torch.allclose(z, (b / (1 - a)).detach())  # the fixed points, also where |a| > 1
+    z.sum().backward()
+    used = [0, k, k]
+    expected = torch.tensor([sum(float(ai) ** i for i in range(j + 1)) for ai, j in zip(a.flatten(), used)], dtype=D)
+    assert torch.allclose(b.grad, expected.reshape(3, 1).expand(3, 4))  # 1, 1.875, 0.181
+    assert stats.backward_iterations.tolist() == used
+    # the last term kept relative to the sum: 1 / 1, 0.125 / 1.875, 0.729 / 0.181
+    assert torch.allclose(stats.backward_residual, torch.tensor([1.0, 0.125 / 1.875, 0.729 / 0.181], dtype=D))

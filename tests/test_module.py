@@ -83,35 +83,3 @@ def test_aux_loss_is_the_sum_of_the_stage_losses():
     assert torch.allclose(loss, manual)
     loss.backward()
     assert all(s.grad is not None and s.grad[1].abs().sum() == 0 and s.grad[0].abs().sum() > 0 for s in stages)
-
-
-class LinearMap(Method):
-    """z = a z + w y, trained through a truncated Neumann series of k terms: J = a I, so the series'
-    terms are a^i g and its reported residual ||a^k g|| / ||sum_{i<=k} a^i g|| is known in closed form."""
-
-    def __init__(self, a: float, k: int):
-        super().__init__()
-        self.a, self.k = a, k
-        self.w = nn.Parameter(torch.tensor(0.4))
-
-    def forward(self, meas):
-        z, stats = equilibrium(lambda z: self.a * z + self.w * meas.y, torch.zeros_like(meas.y), forward="anderson",
-                               backward="neumann", backward_options={"neumann_k": self.k}, tol=1e-8, max_iter=50)
-        return Reconstruction(z, stats=stats)
-
-
-@pytest.mark.parametrize("a,growing", [(-1.5, True), (0.5, False)])
-def test_a_growing_backward_series_is_named_once_and_counted(a, growing, caplog):
-    k = 3
-    residual = abs(a) ** k / abs(sum(a ** i for i in range(k + 1)))  # -1.5: 2.08; 0.5: 0.067
-    assert (residual > 1) == growing
-    module = ReconstructionModule(LinearMap(a, k), Deblur(kernel_size=3, channels=3))
-    batch = _batch(module)
-    for _ in range(2):
-        module.training_loss(batch).backward()
-        module.on_train_batch_end(None, batch, 0)
-    assert module.train_summary()["bwd_growing_fraction"] == float(growing)
-    warned = [r.getMessage() for r in caplog.records if "backward solve's relative residual" in r.getMessage()]
-    assert len(warned) == int(growing)  # once per run, not once per step
-    if growing:
-        assert f"{residual:.3g}" in warned[0] and "backward=jfb" in warned[0]

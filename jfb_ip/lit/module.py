@@ -33,8 +33,6 @@ warnings.filterwarnings("ignore", message="You have overridden `on_after_batch_t
 
 # a run in which more of the test samples than this stop at max_iter gets a warning
 CAPPED_WARNING_FRACTION = 0.05
-# a backward relative residual above this: the Neumann terms (J^T)^k g or the backward iteration are growing
-BACKWARD_GROWING = 1.0
 
 
 class TrainingDiverged(RuntimeError):
@@ -147,7 +145,6 @@ class ReconstructionModule(L.LightningModule):
         self._step_times: list[float] = []
         self._train_sums: dict[str, tuple[float, int]] = {}
         self._peak_memory: tuple[str, int] | None = None
-        self._warned_backward = False
 
     @property
     def trainable(self) -> bool:
@@ -303,27 +300,13 @@ class ReconstructionModule(L.LightningModule):
         stats = self._train_rec.solver_stats() if self._train_rec is not None else None
         if stats is not None and stats.backward_iterations is not None:  # filled in during backward
             self.log("train/solver/bwd_iters_mean", stats.backward_iterations.float().mean(), on_step=True)
-            residual = stats.backward_residual.float().max()
-            self.log("train/solver/bwd_residual_max", residual, on_step=True)
-            growing = bool(residual > BACKWARD_GROWING)
-            self._accumulate(bwd_iters_mean=stats.backward_iterations.float().mean(), bwd_growing_fraction=growing)
-            if growing and not self._warned_backward:
-                self._warn_backward_growing(float(residual))
+            self.log("train/solver/bwd_residual_max", stats.backward_residual.float().max(), on_step=True)
+            self._accumulate(bwd_iters_mean=stats.backward_iterations.float().mean())
         self._train_rec = None
         name, nbytes = step_memory_bytes(self.device)
         self.log(name, float(nbytes), on_step=True)
         if self._peak_memory is None or nbytes > self._peak_memory[1]:
             self._peak_memory = (name, nbytes)
-
-    def _warn_backward_growing(self, residual: float) -> None:
-        """Once per run: the gradient of this step is not the implicit one and may not descend."""
-        self._warned_backward = True
-        log.warning("step %d: the backward solve's relative residual is %.3g (> %g): the truncated Neumann series or "
-                    "the backward iteration is not converging (usually: Lip(T) > 1 at these fixed points), so this "
-                    "gradient is not the implicit one and training can collapse (backward=neumann on the deblurring "
-                    "default did, near step 115). Use backward=jfb or backward=implicit, or make T contractive "
-                    "(method.net.norm_mode=operator, method.contraction_penalty > 0); metrics.json's "
-                    "train.bwd_growing_fraction counts such steps", self.global_step, residual, BACKWARD_GROWING)
 
     def _accumulate(self, **values) -> None:
         for k, v in values.items():
