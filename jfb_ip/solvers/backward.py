@@ -126,7 +126,7 @@ def neumann(f, z0, solve, neumann_k: int = 5) -> tuple[Tensor, SolverStats]:
     k = 0 is JFB; k -> infinity is the implicit gradient where the series converges.
 
     Each sample's sum stops at its smallest term (optimal truncation): where ||J|| < 1 the terms shrink, so
-    j = k and this is the textbook series; where Lip(T) > 1 they grow, and the k-term sum, dominated by its
+    j = k and this is the textbook series; where Lip(T) > 1 they can grow, and the k-term sum, dominated by its
     last terms, would be no estimate of (I - J^T)^{-1} g (on the deblurring default it wrecked training near
     step 115). ``backward_iterations`` reports j per sample."""
     _integer("neumann_k", neumann_k, 0)
