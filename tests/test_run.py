@@ -159,3 +159,64 @@ def test_evaluate_refuses_a_solver_for_a_method_without_one(tmp_path):
     cfg = compose_cfg("evaluate", [f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}", "solver=anderson"], tmp_path)
     with pytest.raises(Exception, match="without a forward solve.*drop solver="):
         evaluate(cfg)
+
+
+def _spectral_linear_ema(use_buffers: bool):
+    """A spectrally normalised linear map whose top singular vectors turn by 22.5 degrees at every training step
+    (R diag(1.5, 0.5, 0.2, 0.2) R^T, R a rotation of the first two axes), averaged by torch's AveragedModel (what
+    Lightning's weight averaging wraps) with an EMA, and returned as validation evaluates it: eval mode, the stored
+    power-iteration vectors, no new iteration."""
+    import math
+
+    import torch
+    from torch.nn.utils.parametrizations import spectral_norm
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    lin = spectral_norm(torch.nn.Linear(4, 4, bias=False), n_power_iterations=10)  # converged at every step
+    avg = AveragedModel(lin, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=use_buffers)
+    for k in range(40):
+        c, s = math.cos(k * math.pi / 8), math.sin(k * math.pi / 8)
+        rot = torch.eye(4)
+        rot[:2, :2] = torch.tensor([[c, -s], [s, c]])
+        with torch.no_grad():
+            lin.parametrizations.weight.original.copy_(rot @ torch.diag(torch.tensor([1.5, 0.5, 0.2, 0.2])) @ rot.T)
+        lin.train()
+        lin.weight  # one training forward: power iteration on the new weights
+        avg.update_parameters(lin)
+    avg.eval()
+    return avg.module.weight.detach()
+
+
+def test_averaging_spectral_norm_buffers_inflates_the_normalised_weights():
+    """Why check_weight_averaging exists: normalisation makes the weight's spectral norm (by SVD here) 1. With the
+    power-iteration vectors averaged as well, their average is short and the weight comes out far above 1 (15 here);
+    with the live vectors (use_buffers=False keeps them in sync) it stays within a few percent of 1 (the vectors
+    belong to the last weights, not exactly to their average: 1.03 here)."""
+    import torch
+
+    inflated = float(torch.linalg.matrix_norm(_spectral_linear_ema(use_buffers=True), ord=2))
+    kept = float(torch.linalg.matrix_norm(_spectral_linear_ema(use_buffers=False), ord=2))
+    assert inflated > 1.5, inflated
+    assert 1.0 - 1e-4 < kept < 1.1, kept
+
+
+def test_weight_averaging_over_normalised_convs_needs_use_buffers_false(tmp_path):
+    import torch
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from jfb_ip.lit.run import ConfigError, check_weight_averaging
+    from jfb_ip.nets import DnCNN
+
+    net = DnCNN(3, depth=3, width=4, spectral_norm=True)
+    with pytest.raises(ConfigError, match=r"EMAWeightAveraging with use_buffers=true.*use_buffers=false"):
+        check_weight_averaging([EMAWeightAveraging()], net)
+    check_weight_averaging([EMAWeightAveraging(use_buffers=False)], net)
+    check_weight_averaging([EMAWeightAveraging()], DnCNN(3, depth=3, width=4))  # no normalisation, no vectors
+    check_weight_averaging([EMAWeightAveraging()], torch.nn.BatchNorm2d(3))  # running stats are meant to average
+    # the whole command: refused before training starts, nothing written but Hydra's record
+    cfg = compose_cfg("train", TINY + ["+callbacks.ema._target_=lightning.pytorch.callbacks.EMAWeightAveraging"],
+                      tmp_path)
+    with pytest.raises(ConfigError, match="use_buffers=false"):
+        train(cfg)
+    assert not list(tmp_path.rglob("*.ckpt"))
