@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from torch.nn.utils.parametrizations import spectral_norm
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from conftest import ROOT, TINY, compose_cfg
 from jfb_ip.data import CelebA, DatasetNotFoundError, ImageFolder
-from jfb_ip.lit.run import CheckpointError, evaluate, train
+from jfb_ip.lit.run import CheckpointError, ConfigError, check_weight_averaging, evaluate, train
+from jfb_ip.nets import DnCNN
 
 
 @pytest.fixture(scope="module")
@@ -166,12 +172,6 @@ def _spectral_linear_ema(use_buffers: bool):
     (R diag(1.5, 0.5, 0.2, 0.2) R^T, R a rotation of the first two axes), averaged by torch's AveragedModel (what
     Lightning's weight averaging wraps) with an EMA, and returned as validation evaluates it: eval mode, the stored
     power-iteration vectors, no new iteration."""
-    import math
-
-    import torch
-    from torch.nn.utils.parametrizations import spectral_norm
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
     torch.manual_seed(0)
     lin = spectral_norm(torch.nn.Linear(4, 4, bias=False), n_power_iterations=10)  # converged at every step
     avg = AveragedModel(lin, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=use_buffers)
@@ -193,8 +193,6 @@ def test_averaging_spectral_norm_buffers_inflates_the_normalised_weights():
     power-iteration vectors averaged as well, their average is short and the weight comes out far above 1 (15 here);
     with the live vectors (use_buffers=False keeps them in sync) it stays within a few percent of 1 (the vectors
     belong to the last weights, not exactly to their average: 1.03 here)."""
-    import torch
-
     inflated = float(torch.linalg.matrix_norm(_spectral_linear_ema(use_buffers=True), ord=2))
     kept = float(torch.linalg.matrix_norm(_spectral_linear_ema(use_buffers=False), ord=2))
     assert inflated > 1.5, inflated
@@ -202,12 +200,6 @@ def test_averaging_spectral_norm_buffers_inflates_the_normalised_weights():
 
 
 def test_weight_averaging_over_normalised_convs_needs_use_buffers_false(tmp_path):
-    import torch
-    from lightning.pytorch.callbacks import EMAWeightAveraging
-
-    from jfb_ip.lit.run import ConfigError, check_weight_averaging
-    from jfb_ip.nets import DnCNN
-
     net = DnCNN(3, depth=3, width=4, spectral_norm=True)
     with pytest.raises(ConfigError, match=r"EMAWeightAveraging with use_buffers=true.*use_buffers=false"):
         check_weight_averaging([EMAWeightAveraging()], net)
