@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..physics import Measurement, MixedMeasurement
-from ..solvers import SolverStats, batch_norm2, per_sample
+from ..solvers import SolverStats, per_sample, relative_residual
 from .base import Reconstruction, refuse_fixed_point_options
 from .calibrated import CalibratedMethod
 
@@ -124,7 +124,7 @@ def tv_solve(meas: Measurement, lam, tol: float = 1e-4, max_iter: int = 1000, sp
             p_new = (p + sigma * (Ax_bar - y_s)) / (1 + sigma)
             x_new = x - tau * (scale * meas.A_adjoint(p_new) - divergence(q_new))
             p = torch.where(per_sample(active, p), p_new, p)
-        step = batch_norm2(x_new - x) / batch_norm2(x_new).clamp_min(1e-12)
+        step = relative_residual(x_new, x)
         keep = per_sample(active, x)
         q = torch.where(keep[..., None], q_new, q)
         x_bar = torch.where(keep, 2 * x_new - x, x)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .forward import FORWARD_SOLVERS, check_budget
-from .linear import batch_norm2, conjugate_gradient, per_sample, relative_residual
+from .linear import batch_norm2, conjugate_gradient, per_sample, relative_norm, relative_residual
 from .stats import SolverStats
 
 BACKWARD_MODES: dict[str, Callable] = {}
@@ -153,7 +153,7 @@ def neumann(f, z0, solve, neumann_k: int = 5) -> tuple[Tensor, SolverStats]:
                 used = torch.where(better, i, used)
         stats.backward_iterations = used
         # the last term kept relative to the sum: (J^T)^j g / ||u_j||, with no extra vjp
-        stats.backward_residual = (smallest / batch_norm2(best).clamp_min(1e-12)).detach()
+        stats.backward_residual = relative_norm(smallest, batch_norm2(best)).detach()
         return best.detach()
 
     handle = fz.register_hook(hook)

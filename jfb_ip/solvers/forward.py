@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .linear import batch_norm2, per_sample, relative_residual
+from .linear import batch_norm2, per_sample, relative_norm, relative_residual
 from .stats import SolverStats
 
 FORWARD_SOLVERS: dict[str, Callable] = {}
@@ -54,8 +54,7 @@ class _Tracker:
         'bad' mask."""
         bad = self.bad(fz) | self.bad(z)
         self.diverged |= bad & ~self.done
-        res = relative_residual(fz, z) if diff is None else \
-            batch_norm2(diff) / batch_norm2(fz).clamp_min(1e-12)  # relative_residual without recomputing f(z) - z
+        res = relative_residual(fz, z) if diff is None else relative_norm(batch_norm2(diff), batch_norm2(fz))
         res = torch.where(bad, torch.full_like(res, float("inf")), res)
         improve = (res < self.best_res) & ~self.done & ~self.diverged
         self.best = torch.where(per_sample(improve, fz), fz, self.best)  # one pass; no boolean-mask gather/scatter

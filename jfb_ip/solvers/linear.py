@@ -27,7 +27,12 @@ def per_sample(v: Tensor | float, like: Tensor) -> Tensor:
 def relative_residual(fz: Tensor, z: Tensor) -> Tensor:
     """||f(z) - z|| / ||f(z)|| per sample: the stopping criterion of every forward and backward
     solve, and what ``SolverStats.residual`` reports."""
-    return batch_norm2(fz - z) / batch_norm2(fz).clamp_min(1e-12)
+    return relative_norm(batch_norm2(fz - z), batch_norm2(fz))
+
+
+def relative_norm(step: Tensor, size: Tensor) -> Tensor:
+    """:func:`relative_residual` from per-sample norms already taken: ``step / size``, ``size`` kept off 0."""
+    return step / size.clamp_min(1e-12)
 
 
 def conjugate_gradient(apply, b: Tensor, x0: Tensor, n_iter: int = 100, tol: float = 1e-6,
