@@ -46,7 +46,7 @@ def test_equilibrium_error_bound_covers_the_distance_to_a_tight_solve():
 
     from jfb_ip.bench.common import compose_train, module_groups, seeded_split_batch
     from jfb_ip.lit.run import build_module
-    from jfb_ip.solvers.linear import batch_norm2
+    from jfb_ip.linalg import batch_norm2
 
     torch.manual_seed(0)
     sub = module_groups(compose_train(["method=degrad", "logger=none", "data.image_size=32", "solver.tol=1e-2",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from jfb_ip.physics import Deblur, GaussianBlur
-from jfb_ip.solvers import batch_dot
+from jfb_ip.linalg import batch_dot
 
 SHAPES = [(2, 3, 17, 23), (1, 1, 9, 31), (3, 2, 12, 12)]
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from jfb_ip.physics import CT, MRI, Downsampling, Inpainting, Measurement
-from jfb_ip.solvers import batch_dot, batch_norm2
+from jfb_ip.linalg import batch_dot, batch_norm2
 
 torch.set_num_threads(1)
 F64 = torch.float64

@@ -62,7 +62,8 @@ from ..methods import DEGRAD
 from ..methods.base import fixed_weights
 from ..nets.dncnn import DnCNN
 from ..physics import Deblur
-from ..solvers import FORWARD_SOLVERS, relative_residual
+from ..linalg import relative_residual
+from ..solvers import FORWARD_SOLVERS
 from .common import SavedBytes, pyplot, save_figure, write_outputs
 
 MODES = ("jfb", "implicit", "neumann", "unroll", "phantom")

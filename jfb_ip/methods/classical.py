@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..physics import Measurement, MixedMeasurement, laplacian
-from ..solvers import conjugate_gradient, per_sample
+from ..linalg import conjugate_gradient, per_sample
 from .base import Reconstruction, refuse_fixed_point_options
 from .calibrated import CalibratedMethod
 

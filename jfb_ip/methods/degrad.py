@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..physics import Measurement, MixedMeasurement
-from ..solvers import per_sample
+from ..linalg import per_sample
 from .base import FixedPointMethod, Reconstruction
 from .classical import Wiener
 

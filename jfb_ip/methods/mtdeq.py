@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..physics import Measurement
-from ..solvers import per_sample
+from ..linalg import per_sample
 from .base import FixedPointMethod, Reconstruction
 from .pnp import load_denoiser
 

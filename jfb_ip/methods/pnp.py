@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from .. import nets
 from ..checkpoint import StateMismatch, UnreadableCheckpoint, load_state, read_weights_only
 from ..physics import Measurement
-from ..solvers import per_sample
+from ..linalg import per_sample
 from .base import Reconstruction, refuse_fixed_point_options
 from .calibrated import CalibratedMethod
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..physics import Measurement, MixedMeasurement
-from ..solvers import SolverStats, per_sample, relative_residual
+from ..linalg import per_sample, relative_residual
+from ..solvers import SolverStats
 from .base import Reconstruction, refuse_fixed_point_options
 from .calibrated import CalibratedMethod
 

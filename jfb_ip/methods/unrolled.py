@@ -7,7 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from ..physics import Measurement
-from ..solvers import SolverStats, per_sample
+from ..linalg import per_sample
+from ..solvers import SolverStats
 from .base import Equilibrium, Method, Reconstruction, fixed_weights, refuse_fixed_point_options
 
 

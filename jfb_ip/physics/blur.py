@@ -5,7 +5,7 @@ import torch
 from kornia.filters import filter2d, get_gaussian_kernel2d
 from torch import Tensor
 
-from ..solvers.linear import per_sample
+from ..linalg import per_sample
 from .operator import LinearOperator
 
 _PADDING = {"circular": "circular", "zeros": "constant"}

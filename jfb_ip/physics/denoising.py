@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..solvers.linear import per_sample
+from ..linalg import per_sample
 from .measurement import Measurement
 from .noise import gaussian_noise
 from .operator import LinearOperator

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..solvers.linear import per_sample
+from ..linalg import per_sample
 from .operator import LinearOperator
 
 FILTERS = ("bicubic", "gaussian")

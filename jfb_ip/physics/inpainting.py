@@ -8,7 +8,7 @@ import torch
 from kornia.filters import gaussian_blur2d
 from torch import Tensor
 
-from ..solvers.linear import per_sample
+from ..linalg import per_sample
 from .operator import LinearOperator
 
 

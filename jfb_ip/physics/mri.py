@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..solvers.linear import per_sample as _per_sample  # ``per_sample`` is also an argument of random()
+from ..linalg import per_sample as _per_sample  # ``per_sample`` is also an argument of random()
 from .operator import LinearOperator
 
 _FFT_DIMS = (-2, -1)

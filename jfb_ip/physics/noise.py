@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..solvers.linear import per_sample
+from ..linalg import per_sample
 
 
 def randn_like(x: Tensor, generator: torch.Generator | None = None, seeds: Tensor | None = None) -> Tensor:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from kornia.filters import filter2d
 
-from ..solvers.linear import batch_dot, batch_norm2, conjugate_gradient, per_sample
+from ..linalg import batch_dot, batch_norm2, conjugate_gradient, per_sample
 
 
 def laplacian(x: Tensor, border: str) -> Tensor:

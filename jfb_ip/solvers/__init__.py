@@ -2,9 +2,7 @@
 from .backward import BACKWARD_MODES, register_backward
 from .equilibrium import equilibrium
 from .forward import FORWARD_SOLVERS, anderson, broyden, fixed_point, register_forward
-from .linear import batch_dot, batch_norm2, conjugate_gradient, per_sample, relative_residual
 from .stats import SolverStats
 
 __all__ = ["equilibrium", "anderson", "broyden", "fixed_point", "SolverStats", "FORWARD_SOLVERS", "BACKWARD_MODES",
-           "register_forward", "register_backward", "relative_residual", "per_sample", "batch_dot", "batch_norm2",
-           "conjugate_gradient"]
+           "register_forward", "register_backward"]

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .forward import FORWARD_SOLVERS, check_budget
-from .linear import batch_norm2, conjugate_gradient, per_sample, relative_norm, relative_residual
+from ..linalg import batch_norm2, conjugate_gradient, per_sample, relative_norm, relative_residual
 from .stats import SolverStats
 
 BACKWARD_MODES: dict[str, Callable] = {}

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .linear import batch_norm2, per_sample, relative_norm, relative_residual
+from ..linalg import batch_norm2, per_sample, relative_norm, relative_residual
 from .stats import SolverStats
 
 FORWARD_SOLVERS: dict[str, Callable] = {}

@@ -6,7 +6,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .linear import batch_dot, batch_norm2, per_sample
+from ..linalg import batch_dot, batch_norm2, per_sample
 
 
 def local_lipschitz(f: Callable[[Tensor], Tensor], x: Tensor, n_iter: int = 30, tol: float = 1e-4,

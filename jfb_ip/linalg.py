@@ -1,5 +1,6 @@
-"""Batched linear algebra on tensors with a batch dimension: the bottom layer that physics,
-solvers and methods share (one broadcast helper, one relative-residual definition, CG)."""
+"""Batched linear algebra on tensors with a batch dimension, at the bottom of the package (it imports
+torch only): the one broadcast helper, the one relative-residual definition and CG that physics,
+solvers and methods share."""
 from __future__ import annotations
 
 import torch
