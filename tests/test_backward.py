@@ -153,6 +153,7 @@ def test_float32_and_user_lambda():
     assert torch.allclose(lin.bias.grad, expected, rtol=1e-4)
 
 
+@pytest.mark.integration
 def test_multirun_over_backward_modes(tmp_path):
     # inject=none: with the default anchor, N = z0 + tanh(g) net(...) has g = 0 at the start, so the network gets no
     # gradient in the first step and Adam moves g by lr * sign(grad) alike in every mode: two steps could not tell

@@ -46,12 +46,14 @@ def _cli(args, tmp_path, script="train.py"):
     (["backward=neumann", "backward.neumann_k=-1"], "neumann_k must be an integer >= 0"),
     (["method=lu_dncnn", "backward.unroll_steps=3"], "takes no backward options"),
 ])
+@pytest.mark.integration
 def test_bad_command_lines_end_in_one_line(args, message, tmp_path):
     r = _cli(args, tmp_path)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and message in r.stderr, r.stderr[-1500:]
 
 
+@pytest.mark.integration
 def test_evaluate_refuses_a_corrupt_checkpoint_in_one_line(tmp_path):
     (tmp_path / "bad.ckpt").write_bytes(b"PK\x03\x04 not really a zip")
     r = subprocess.run([sys.executable, "evaluate.py", f"ckpt_path={tmp_path / 'bad.ckpt'}",
@@ -69,6 +71,7 @@ def test_metrics_json_stays_valid_with_non_finite_numbers(tmp_path):
     assert "NaN" not in path.read_text()
 
 
+@pytest.mark.integration
 def test_a_missing_test_split_fails_before_training(tmp_path, image_folder):
     import shutil
 

@@ -53,6 +53,7 @@ def _png(path: Path) -> torch.Tensor:
     return torch.tensor(list(Image.open(path).getdata()), dtype=torch.float32)
 
 
+@pytest.mark.integration
 def test_ddp_test_table_equals_one_process_and_shards_differ(ddp_run, tmp_path):
     metrics = json.loads((ddp_run / "metrics.json").read_text())
     ddp = metrics["test"]
@@ -74,6 +75,7 @@ def test_ddp_test_table_equals_one_process_and_shards_differ(ddp_run, tmp_path):
     assert metrics["train"]["steps"] == 2
 
 
+@pytest.mark.integration
 def test_ddp_wiener_lambda_is_searched_on_every_shard(ddp_run, tmp_path):
     """The lambda in metrics.json is the best over the whole validation split, which neither shard alone picks."""
     lam = json.loads((ddp_run / "metrics.json").read_text())["test"]["wiener_lambda"]
@@ -94,6 +96,7 @@ def test_ddp_wiener_lambda_is_searched_on_every_shard(ddp_run, tmp_path):
     assert lam == pytest.approx(whole)
 
 
+@pytest.mark.integration
 def test_ddp_evaluate_of_a_checkpoint_equals_one_process(ddp_run, tmp_path):
     ckpt = ddp_run / "checkpoints" / "last.ckpt"
     _run("evaluate.py", [f"ckpt_path={ckpt}", "trainer=ddp_sim", "logger=none", f"hydra.run.dir={tmp_path / 'ddp'}"])
@@ -104,6 +107,7 @@ def test_ddp_evaluate_of_a_checkpoint_equals_one_process(ddp_run, tmp_path):
     assert ddp["distributed"]["images_per_rank"] == [3, 2]
 
 
+@pytest.mark.integration
 def test_multirun_with_ddp_is_refused_before_any_process_starts(tmp_path):
     sweep = tmp_path / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -119,6 +123,7 @@ def test_multirun_with_ddp_is_refused_before_any_process_starts(tmp_path):
     assert not list(sweep.rglob("*ddp_process*"))  # Lightning never re-ran the command
 
 
+@pytest.mark.integration
 def test_multirun_with_ddp_under_torchrun_runs_each_job_once_in_2_processes(tmp_path):
     """The local spawn-free path: torchrun starts the 2 processes, each runs the same sweep in step, Lightning
     launches nothing; every job is one 2-process DDP run written once by rank 0."""
@@ -173,6 +178,7 @@ def _diverged_batch_worker(rank: int, init_file: str, out_dir: str, extra: list[
 
 
 @pytest.mark.parametrize("extra", [[], ["experiment=de_grad_jfb"]], ids=["default", "paper000_map"])
+@pytest.mark.integration
 def test_a_batch_that_diverges_on_one_process_keeps_ddp_in_step(tmp_path, extra):
     """Real processes (gloo): a process whose samples all diverge contributes a zero gradient, so the other's
     all-reduce completes and both hold half of its gradient; the step is skipped only when all processes diverged,
@@ -217,6 +223,7 @@ def _penalty_worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_the_contraction_penalty_under_ddp_averages_the_processes_gradients(tmp_path):
     """The penalty's autograd.grad calls inside DDP's forward leave DDP's reducer alone: after backward every
     process holds the mean of the gradients each process computes on its own batch without DDP."""

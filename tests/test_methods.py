@@ -38,6 +38,7 @@ def test_lu_dncnn_refuses_a_fixed_point_backward_mode(tmp_path):
 
 
 @pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["cover", "product"])
+@pytest.mark.integration
 def test_every_method_on_every_task_multirun(full, tmp_path):
     """product (make test-full, about 7 minutes on 2 cores): every method x every task; cover (the default suite):
     each family on two tasks, rotating, so every method and every task runs at least once."""

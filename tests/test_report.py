@@ -21,6 +21,7 @@ def _metrics_by_backward(sweep) -> dict[str, list[dict]]:
     return out
 
 
+@pytest.mark.integration
 def test_report_rows_average_the_seeds_of_each_backward_mode(tiny_sweep, tmp_path):
     res = report([tiny_sweep], tmp_path / "rep")
     by_mode = _metrics_by_backward(tiny_sweep)
@@ -55,6 +56,7 @@ def test_report_rows_average_the_seeds_of_each_backward_mode(tiny_sweep, tmp_pat
     assert (tmp_path / "rep" / "report.md").read_text().startswith("Made by `python -m jfb_ip.report ")
 
 
+@pytest.mark.integration
 def test_report_lists_a_failed_job_and_a_varying_override(tiny_sweep, tmp_path, capsys):
     """A failed job (metrics.json with "error") is listed with its error, not averaged; an override that differs
     between runs (here the extra job's lr) becomes the row's setting."""
@@ -84,6 +86,7 @@ def test_report_on_a_directory_without_runs_says_so(tmp_path, capsys):
     assert "no finished runs" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_a_run_written_to_paths_output_dir_keeps_its_hydra_record(tmp_path):
     """train.py paths.output_dir=<dir>: Hydra writes .hydra/ into its own run dir; the run's outputs go to <dir>, and
     the record is copied beside them, so the report reads the run (its choices and overrides) from <dir> alone."""

@@ -58,6 +58,7 @@ def _kill_after_first_periodic_checkpoint(args: list[str], tmp: Path) -> subproc
     return proc
 
 
+@pytest.mark.integration
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
     """Uninterrupted run vs. the same run killed (SIGKILL, no clean-up) right after its first periodic last.ckpt
     and resumed with ckpt_path=: the final weights, optimizer moments and schedule are identical (torch.equal)."""
@@ -77,6 +78,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
     _assert_same_training_state(_load(tmp_path / "full" / "checkpoints" / "last.ckpt"), _load(last))
 
 
+@pytest.mark.integration
 def test_a_rerun_in_a_run_directory_with_checkpoints_is_refused(tmp_path):
     """No silent resume (Lightning's default with an on-exception callback) and no overwritten checkpoints."""
     ckpts = tmp_path / "run" / "checkpoints"
@@ -88,6 +90,7 @@ def test_a_rerun_in_a_run_directory_with_checkpoints_is_refused(tmp_path):
     assert (ckpts / "last.ckpt").read_bytes() == b"an earlier run's state"
 
 
+@pytest.mark.integration
 def test_resuming_with_more_steps_takes_t_max_from_the_config(tmp_path):
     """The checkpoint's scheduler holds T_max = the first run's max_steps; resumed with max_steps=6 the cosine
     schedule runs to 6 (the learning rate reaches eta_min at the new end, not at the old one)."""

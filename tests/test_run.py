@@ -127,6 +127,7 @@ def test_missing_paths_say_where_files_must_be(tmp_path):
         ImageFolder("test", 32, root=tmp_path)
 
 
+@pytest.mark.integration
 def test_cli_reports_missing_dataset_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "train.py", "data=folder", f"data.root={tmp_path}/none", "logger=none",
                         f"hydra.run.dir={tmp_path}/out"], cwd=ROOT, capture_output=True, text=True, timeout=300)

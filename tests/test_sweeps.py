@@ -40,6 +40,7 @@ def _jobs(sweep) -> dict[int, dict]:
     return out
 
 
+@pytest.mark.integration
 def test_failing_job_keeps_the_other_jobs_and_records_its_error(tmp_path):
     """grid_images=0 is refused at config time (ConfigError); in a multirun that job writes metrics.json with the
     error and the sweep still runs the next job, then exits 1 naming the failed job."""
@@ -57,6 +58,7 @@ def test_failing_job_keeps_the_other_jobs_and_records_its_error(tmp_path):
     assert all(math.isfinite(ok["metrics"]["test"][row]["psnr"]) for row in ("measurement", "wiener", "model"))
 
 
+@pytest.mark.integration
 def test_optuna_study_survives_a_diverging_trial(tmp_path):
     """hparams_search=optuna with a 2-point grid over solver.bound: at 1e-6 every sample counts as diverged and the
     trial raises TrainingDiverged (module.max_skipped_batches=1); it scores -inf and the study completes, its best
@@ -119,6 +121,7 @@ def test_slurm_launcher_runs_one_task_per_device_without_relaunch(devices, nodes
         (rank, devices * nodes, devices - 1, nodes - 1)
 
 
+@pytest.mark.integration
 def test_submitit_local_launcher_runs_a_job(tmp_path):
     """launcher=submitit_local: the job runs in its own process through submitit (the code path of
     launcher=slurm) and writes its results into the sweep's job directory."""

@@ -129,6 +129,7 @@ def test_ct_task_operator_follows_the_image_size():
     assert (fbp - x).abs().mean() < 0.2 < (adj - x).abs().mean()
 
 
+@pytest.mark.integration
 def test_impossible_task_data_combination_fails_at_config_time_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "train.py", "task=ct", "data=natural", "logger=none",
                         f"hydra.run.dir={tmp_path}/out"], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -192,6 +193,7 @@ def test_phantoms_fixed_eval_sets_varied_train_draws():
     assert Phantoms("val", 16, channels=3, eval_samples=1)[0][0].shape == (3, 16, 16)
 
 
+@pytest.mark.integration
 def test_every_task_multirun_degrad_and_lu_dncnn(tmp_path):
     """method=degrad,lu_dncnn x task=inpaint,sr2,mri4x,ct with fast_dev_run: each job writes
     metrics.json with finite PSNR in every row (the measurement row scores the initializer)."""
@@ -211,6 +213,7 @@ def test_every_task_multirun_degrad_and_lu_dncnn(tmp_path):
     assert len(list(tmp_path.glob("*/examples.png"))) == 8
 
 
+@pytest.mark.integration
 def test_every_other_backward_mode_trains_on_super_resolution(tmp_path):
     """Issue 10: every backward mode on a task other than deblurring (implicit: on MRI, the next test). Two real
     steps each; inject=none so the network (not only the anchor's gate) gets a gradient, and the modes give

@@ -374,6 +374,7 @@ def png_folder(tmp_path):
     return root
 
 
+@pytest.mark.integration
 def test_evaluate_tv_without_checkpoint_on_a_folder_cli(png_folder, tmp_path):
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, "evaluate.py", "method=tv", "task=deblur", "task.kernel_size=5", "data=folder",

@@ -26,6 +26,7 @@ def _job_runs(sweep) -> list[tuple[dict, dict, dict]]:
     return out
 
 
+@pytest.mark.integration
 def test_each_job_of_a_multirun_is_its_own_named_grouped_finished_run(tiny_sweep):
     jobs = _job_runs(tiny_sweep)
     assert len(jobs) == 4
@@ -39,6 +40,7 @@ def test_each_job_of_a_multirun_is_its_own_named_grouped_finished_run(tiny_sweep
         assert run["exit_code"] == 0  # finished by its own job, not left open for the next one
 
 
+@pytest.mark.integration
 def test_each_run_logs_its_full_config_and_the_expected_keys(tiny_sweep):
     for run, ov, metrics in _job_runs(tiny_sweep):
         cfg = run["config"]
@@ -61,6 +63,7 @@ def test_each_run_logs_its_full_config_and_the_expected_keys(tiny_sweep):
                 assert summary[f"test/{row}_{k}"] == pytest.approx(metrics["test"][row][k], rel=1e-6)
 
 
+@pytest.mark.integration
 def test_sync_lists_the_offline_runs_and_reads_a_torn_log(tiny_sweep, tmp_path, capsys):
     assert sync_main([str(tiny_sweep), "--dry-run"]) == 0
     out = capsys.readouterr().out
