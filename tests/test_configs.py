@@ -82,7 +82,7 @@ def test_experiments_compose_and_build(option, tmp_path):
     cfg = compose_cfg("train", [f"experiment={option}"], tmp_path)
     method = hydra.utils.instantiate(cfg.method, _convert_="all")
     assert method.backward_mode == cfg.backward.mode
-    if option in ("de_grad_jfb", "deq_implicit", "paper000_celeba"):  # paper 000's map, whatever the defaults are
+    if option in ("de_grad_jfb", "deq_implicit", "liu_celeba"):  # Liu et al.'s [1] map, whatever the defaults are
         assert (method.data_step, method.inject, method.initializer, method.reg_relative) == (
             "gradient", "none", "task", False)
         assert method.net.in_channels == cfg.data.channels and method.wiener is None
@@ -187,10 +187,10 @@ def test_backward_option_of_another_mode_fails_when_built(tmp_path):
 
 
 @pytest.mark.parametrize("task,size", [("ct", 362), ("mri4x", 320), ("mri8x", 320)])
-def test_paper002_experiments_set_the_papers_sizes(task, size, tmp_path):
-    """Paper 002 §4: LoDoPaB-CT 362x362 with 200 of 1000 angles and the adjoint initializer;
+def test_luser_experiments_set_the_papers_sizes(task, size, tmp_path):
+    """Guan et al. [3] §4: LoDoPaB-CT 362x362 with 200 of 1000 angles and the adjoint initializer;
     fastMRI single-coil knee 320x320 at 4x / 8x; DEQ4IP = DE-Prox with a 17x64 BN + SN DnCNN."""
-    cfg = compose_cfg("train", [f"experiment=[paper002_{task},deq4ip]"], tmp_path)
+    cfg = compose_cfg("train", [f"experiment=[luser_{task},deq4ip]"], tmp_path)
     assert (cfg.data.image_size, cfg.data.channels, cfg.trainer.accelerator) == (size, 1, "gpu")
     assert cfg.data.dataset._target_ == "jfb_ip.data.ImageFolder"
     if task == "ct":
@@ -202,10 +202,10 @@ def test_paper002_experiments_set_the_papers_sizes(task, size, tmp_path):
         ("jfb_ip.methods.DEProx", 17, 64, True, True, "implicit")
 
 
-def test_paper002_ct_with_deq4ip_trains_on_a_folder_when_shrunk(tmp_path, image_folder):
+def test_luser_ct_with_deq4ip_trains_on_a_folder_when_shrunk(tmp_path, image_folder):
     """The full-size experiment's wiring (folder data, adjoint-initialised CT, DEQ4IP with BatchNorm inside
     the equilibrium) runs end to end on CPU once its sizes are overridden down."""
-    cfg = compose_cfg("train", [f"experiment=[paper002_ct,deq4ip]", f"data.root={image_folder}", "trainer=fast",
+    cfg = compose_cfg("train", [f"experiment=[luser_ct,deq4ip]", f"data.root={image_folder}", "trainer=fast",
                                 "trainer.max_steps=2", "logger=none", "data.image_size=16", "data.num_workers=0",
                                 "method.net.depth=3",
                                 "method.net.width=8", "task.n_angles=12", "solver.max_iter=5"], tmp_path)
@@ -246,7 +246,7 @@ def test_method_task_specializations_apply_to_their_pair_only(tmp_path):
     cli = compose_cfg("train", ["trainer.max_steps=5", "solver.train_tol=null", "module.loss._target_=torch.nn.MSELoss"],
                       tmp_path)
     assert (cli.trainer.max_steps, cli.solver.train_tol, cli.module.loss._target_) == (5, None, "torch.nn.MSELoss")
-    for exp in ("de_grad_jfb", "deq_implicit"):  # paper 000's map, loss and solves, whatever the task
+    for exp in ("de_grad_jfb", "deq_implicit"):  # Liu et al.'s [1] map, loss and solves, whatever the task
         cfg = compose_cfg("train", ["task=mri4x", f"experiment={exp}"], tmp_path)
         assert cfg.method.contraction_penalty == 0
         cfg = compose_cfg("train", [f"experiment={exp}"], tmp_path)
