@@ -1,4 +1,4 @@
-"""Cost of one training step per backward mode as the image side grows (Fig. 2 of paper 000).
+"""Cost of one training step per backward mode as the image side grows (Fig. 2 of Liu et al. [1]).
 
 For each image side, one DE-GRAD model (DnCNN depth 17, width 64, spectral norm, gamma 0.99)
 on the blur task Deblur(9, 5.0, 0.01) and a batch of random RGB images, every backward mode
@@ -414,7 +414,7 @@ FORWARD_COLUMNS = (("solver", "solver", "<10", "s"), ("peer", "peer", "<10", "s"
                    ("x evals", "evals_ratio", ">8", ".2f"), ("time_s", "time_s", ">9", ".4f"),
                    ("peer", "peer_time_s", ">9", ".4f"), ("x time", "time_ratio", ">8", ".2f"),
                    ("residual", "residual", ">10", ".1e"), ("peer", "peer_residual", ">10", ".1e"))
-# matched-row targets of issue 14 section 5: (what, ratio getter, bound)
+# matched-row targets, ours against the peer libraries on the same problem: (what, ratio getter, bound)
 TARGETS = (("anderson / torchdeq evaluations", "forward", ("anderson", "torchdeq", "evals_ratio"), 1.0),
            ("anderson / torchdeq time", "forward", ("anderson", "torchdeq", "time_ratio"), 1.0),
            ("broyden / torchdeq evaluations", "forward", ("broyden", "torchdeq", "evals_ratio"), 1.0),

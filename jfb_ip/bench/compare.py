@@ -2,13 +2,13 @@
 
     python -m jfb_ip.bench.compare [--steps 300] [--image-size 32] [--out outputs/compare]
 
-Trains each method of paper 002's comparison (LU-DnCNN, LUSER-SW, LUSER-DW) and DE-GRAD
-with JFB and with implicit differentiation (paper 000) through ``train.py`` — same data,
+Trains each method of Guan et al.'s [3] comparison (LU-DnCNN, LUSER-SW, LUSER-DW) and DE-GRAD
+with JFB and with implicit differentiation (Liu et al. [1]) through ``train.py`` — same data,
 task, seed, batch size and number of optimizer steps — then prints their held-out
 PSNR/SSIM beside the measurement and the Wiener filter. Each run keeps its own directory
 (metrics.json, checkpoints) under ``--out``; the table is also written to ``compare.json``.
 By default the unrolled methods run at a CPU scale (see ``CPU_SCALE``); ``--paper-sizes``
-uses the configs' paper 002 architectures.
+uses the configs' architectures of Guan et al. [3].
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pathlib import Path
 # DE-GRAD default). LUSER's inner solves run at the default tolerance (1e-3, 50 iterations): with the
 # contractive default block (norm_mode=operator) they converge in about 5 Anderson iterations per stage
 # after training; the table's "converged" column says how many test solves reached the tolerance.
-# --paper-sizes drops these (paper 002: K = 8, 17x64 DnCNN; meant for a GPU).
+# --paper-sizes drops these (Guan et al. [3]: K = 8, 17x64 DnCNN; meant for a GPU).
 LUSER_CPU = ["method.stages=4"]
 CPU_SCALE = {
     "lu_dncnn": ["method.stages=4", "method.net.depth=8", "method.net.width=32"],
@@ -39,7 +39,7 @@ RUNS = {
     "lu_dncnn": ["method=lu_dncnn"],
     "luser_sw": ["method=luser_sw"],
     "luser_dw": ["method=luser_dw"],
-    "luser_dw_implicit": ["method=luser_dw", "backward=implicit"],  # LUSER's backward mode, measured (issue 14)
+    "luser_dw_implicit": ["method=luser_dw", "backward=implicit"],  # LUSER trained by implicit differentiation
     "degrad_jfb": ["method=degrad", "backward=jfb"],
     "degrad_implicit": ["method=degrad", "backward=implicit"],
     "deprox_jfb": ["method=deprox", "backward=jfb"],
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--out", type=Path, default=Path("outputs") / "compare")
-    p.add_argument("--paper-sizes", action="store_true", help="paper 002 architectures (K=8, 17x64), for a GPU")
+    p.add_argument("--paper-sizes", action="store_true", help="Guan et al. [3] architectures (K=8, 17x64), for a GPU")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. task=deblur_5x5)")
     args = p.parse_args(argv)
     names = [n for n in args.methods.split(",") if n]

@@ -1,4 +1,4 @@
-"""Training memory per method and the largest batch per GPU size (Table 3 of paper 002).
+"""Training memory per method and the largest batch per GPU size (Table 3 of Guan et al. [3]).
 
 Every method is built from its Hydra config exactly as ``train.py`` builds it (``conf/method``,
 ``conf/backward``, every ``conf/task``) and takes one training step on random images: forward,
@@ -6,7 +6,7 @@ MSE loss (plus the stage losses when ``aux_loss`` is on), backward and the confi
 step (AdamW from ``conf/train.yaml``: two state tensors per parameter). Each point is measured at
 two batch sizes b1 < b2 (a fresh model with the same seed each time) and fitted as
 memory = fixed_bytes + bytes_per_sample * batch. The largest batch for a budget of 8, 10 or
-24 GiB is floor((budget - fixed) / per_sample), reported as in paper 002: an even number, or 1,
+24 GiB is floor((budget - fixed) / per_sample), reported as in Guan et al. [3]: an even number, or 1,
 or None ('-') when one sample does not fit.
 
 What "memory" is:
@@ -221,11 +221,11 @@ def main(argv=None) -> dict:
                    help="CPU-sized run: 32x32, K 2 4 8, N 10 50 100, batches 1 2, 1 thread")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--tasks", nargs="+", default=["deblur"], choices=available_tasks(),
-                   help="default: deblur (paper 002 Table 3's memory does not depend on the operator); the gray "
-                        "tasks (ct, mri4x, mri8x) need --channels 1")
+                   help="default: deblur (memory in Table 3 of Guan et al. [3] does not depend on the "
+                        "operator); the gray tasks (ct, mri4x, mri8x) need --channels 1")
     p.add_argument("--stages", type=int, nargs="+", default=None, help="K for lu_dncnn/luser_dw (default 2 4 8 16)")
     p.add_argument("--iters", type=int, nargs="+", default=None, help="N for degrad (default 10 25 50 75 100)")
-    p.add_argument("--image-size", type=int, default=None, help="default 128 (paper 002), quick 32")
+    p.add_argument("--image-size", type=int, default=None, help="default 128 (Guan et al. [3]), quick 32")
     p.add_argument("--channels", type=int, default=3)
     p.add_argument("--batches", type=int, nargs=2, default=None, help="the two fitted batch sizes (default 2 4)")
     p.add_argument("--paper-sizes", action=argparse.BooleanOptionalAction, default=None,

@@ -1,17 +1,17 @@
-"""Paper 004 Tables I-II on the embedded images: is the MTDEQ prior better than a Gaussian denoiser in PnP-ADMM?
+"""Willingham et al. [4], Tables I-II, on embedded images: does the MTDEQ prior beat a Gaussian denoiser in PnP-ADMM?
 
     python -m jfb_ip.bench.multitask [--quick] [--json <file>] [--png <file>] [--out <dir>]
         [--denoiser-ckpt <ckpt>] [--mtdeq-ckpt <ckpt>] [--no-degrad] [override ...]
 
 1. Trains (or loads: ``--denoiser-ckpt``) the noise-conditioned UNet as a Gaussian denoiser (``method=denoiser
    task=denoise``), then trains (or loads: ``--mtdeq-ckpt``) the MTDEQ prior (``method=mtdeq task=multitask``,
-   paper 004 Alg. 1) initialised from that denoiser, as paper 004 §III-B does ("pre-trained as a Gaussian
+   [4] Alg. 1) initialised from that denoiser, as §III-B of [4] does ("pre-trained as a Gaussian
    denoiser"); both through ``train.py``'s code path, each in its own run directory under ``--out``.
-2. Evaluates on the held-out embedded test crops the tasks of paper 004 Tables I-II: completion with 80% and 90%
+2. Evaluates on the held-out embedded test crops the tasks of Tables I-II of [4]: completion with 80% and 90%
    of the pixels dropped (no noise), Gaussian deblurring with blur std 1.6 and 2.0 (noise 0.01), bicubic
    super-resolution x2 and x3 (noise 0 and 0.01). Rows: TV (its lambda tuned on the validation crops), PnP-ADMM
    with the Gaussian denoiser, PnP-ADMM with the MTDEQ prior (the same ``method=pnp_admm`` config, schedule and
-   iterations for both priors: only the checkpoint differs, as in paper 004 §III-C), DE-GRAD trained on each task
+   iterations for both priors: only the checkpoint differs, as in [4] §III-C), DE-GRAD trained on each task
    (skipped with ``--no-degrad``; ``--quick`` skips it), and "MTDEQ - Gauss", the gain of the MTDEQ prior.
 3. Prints the table (PSNR; SSIM in the JSON), writes JSON rows ``{method, task, psnr, ssim}`` and a PNG.
 
@@ -33,7 +33,7 @@ from ..lit.module import psnr_score
 from ..lit.run import build_module, train
 from .common import compose_train, module_groups, pyplot, save_figure, seeded_split_batch, write_outputs
 
-# paper 004 Tables I-II: name -> task overrides (the blur kernel: 15 x 15, as task=multitask's, +-3.5 std at 2.0;
+# Tables I-II of [4]: name -> task overrides (the blur kernel: 15 x 15, as task=multitask's, +-3.5 std at 2.0;
 # completion starts from y with its dropped pixels at 0, as MTDEQ was trained, whatever task=inpaint's default init)
 TASKS = {
     "comp80": ["task=inpaint", "task.p_drop=0.8", "task.noise_std=0.0", "task.init=zeros"],
@@ -45,7 +45,7 @@ TASKS = {
     "sr3_n0": ["task=sr2", "task.factor=3", "task.noise_std=0.0"],
     "sr3_n.01": ["task=sr2", "task.factor=3", "task.noise_std=0.01"],
 }
-# paper 004 Tables I-II, "Proposed vs. Gauss" (Set5; bicubic SR columns of Table II)
+# Willingham et al. [4] Tables I-II, "Proposed vs. Gauss" (Set5; bicubic SR columns of Table II)
 PAPER_GAIN = {"comp80": 0.52, "comp90": 0.89, "blur1.6": 0.76, "blur2.0": 0.95, "sr2_n0": 0.41, "sr2_n.01": 0.63,
               "sr3_n0": 0.61, "sr3_n.01": 0.76}
 ROWS = ("measurement", "tv", "pnp_gauss", "pnp_mtdeq", "fb_gauss", "fb_mtdeq", "degrad", "mtdeq_minus_gauss")
@@ -54,13 +54,13 @@ ROWS = ("measurement", "tv", "pnp_gauss", "pnp_mtdeq", "fb_gauss", "fb_mtdeq", "
 # initialise MTDEQ) and MTDEQ's solver and learning rate. MTDEQ's fixed points are found by Anderson here, not by the
 # paper's plain FB iteration (conf/method/mtdeq.yaml's default): the same fixed points at about a third of the
 # iterations (measured on multitask test crops with the denoiser as Q: 10.6 vs 32 iterations on average, PSNR
-# within 0.02 dB). The learning rate fine-tunes a pre-trained prior (paper 004: Adam at 1e-5 for 250 epochs; at
+# within 0.02 dB). The learning rate fine-tunes a pre-trained prior ([4]: Adam at 1e-5 for 250 epochs; at
 # train.py's 1e-3, 20 steps from a 300-step denoiser ended at 20.95 dB on 8 multitask test crops, 40 steps at 1e-4 at
 # 25.31 dB; Wiener 25.03).
 # Full: the CPU scale of the README (about 2 hours on 2 cores); --quick: under 20 minutes on 2 cores.
 # PnP-ADMM's schedule (iterations, last denoiser strength) is chosen per task on the validation crops for the
 # Gaussian prior at lam = 0.23 (``pnp_schedule``); the PnP lam search (``lam_search``) then runs for the Gaussian prior
-# too; the MTDEQ prior gets both unchanged (paper 004 §III-C). FB rows: MTDEQ's own scheme, capped at ``fb_max_iter``.
+# too; the MTDEQ prior gets both unchanged ([4] §III-C). FB rows: MTDEQ's own scheme, capped at ``fb_max_iter``.
 FULL = {"denoiser_steps": 3000, "mtdeq_steps": 600, "degrad_steps": 300, "train_size": 48, "mtdeq_size": 24,
         "test_size": 48, "batch": 8, "mtdeq_batch": 2, "problems": 5, "eval_crops": 32, "mtdeq_lr": 1e-4,
         "mtdeq_solver": ["solver=anderson"], "net": [], "lam_search": True, "fb_max_iter": 350,
@@ -138,7 +138,7 @@ def evaluate_rows(b: dict, out: Path, extra: list[str], ckpts: dict, degrad: boo
     data = _data(b["test_size"], b["eval_crops"], b["batch"])
     fb = ["method=mtdeq", "train=false", *b["net"], *b["mtdeq_solver"], f"solver.max_iter={b['fb_max_iter']}"]
     for task, task_ov in TASKS.items():
-        # the schedule and lam that suit the Gaussian prior on the validation crops (paper 004 §III-C: the
+        # the schedule and lam that suit the Gaussian prior on the validation crops ([4] §III-C: the
         # reference's best hyper-parameters), reused unchanged for the MTDEQ prior
         t0 = time.perf_counter()
         schedule, scores = pnp_schedule(b, task_ov, ckpts["denoiser_ckpt"], extra)
@@ -193,7 +193,7 @@ def table(rows: list[dict], key: str = "psnr") -> str:
         signed = m == "mtdeq_minus_gauss"
         cell = lambda v: f"{v:>+10.2f}" if signed else f"{v:>10.2f}"  # noqa: E731
         lines.append(f"{m:<20}" + "".join(cell(vals[t]) if t in vals else f"{'-':>10}" for t in tasks))
-    lines.append(f"{'paper 004 gain':<20}" + "".join(f"{PAPER_GAIN[t]:>+10.2f}" for t in tasks))
+    lines.append(f"{'Willingham [4] gain':<20}" + "".join(f"{PAPER_GAIN[t]:>+10.2f}" for t in tasks))
     return "\n".join(lines)
 
 
@@ -210,12 +210,12 @@ def plot(payload: dict, path) -> bool:
         xs = [k + (i - (len(methods) - 1) / 2) * width for k, t in enumerate(tasks) if t in vals]
         ax.bar(xs, [vals[t] for t in tasks if t in vals], width, label=m)
     ax.set_ylabel("PSNR [dB]")
-    ax.set_title("paper 004 Tables I-II tasks on the embedded test crops")
+    ax.set_title("Tables I-II tasks of Willingham et al. [4] on the embedded test crops")
     ax.legend(fontsize=8, ncol=len(methods))
     gain = {r["task"]: r["psnr"] for r in rows if r["method"] == "mtdeq_minus_gauss"}
     ax2.bar([k - 0.2 for k, t in enumerate(tasks) if t in gain], [gain[t] for t in tasks if t in gain], 0.4,
             label="ours: MTDEQ - Gauss")
-    ax2.bar([k + 0.2 for k in range(len(tasks))], [PAPER_GAIN[t] for t in tasks], 0.4, label="paper 004")
+    ax2.bar([k + 0.2 for k in range(len(tasks))], [PAPER_GAIN[t] for t in tasks], 0.4, label="Willingham et al. [4]")
     ax2.axhline(0, color="k", lw=0.8)
     ax2.set_ylabel("gain [dB]")
     ax2.set_xticks(range(len(tasks)), tasks)
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     gains = [r["psnr"] for r in rows if r["method"] == "mtdeq_minus_gauss"]
     if gains:
         print(f"MTDEQ - Gauss: mean {sum(gains) / len(gains):+.2f} dB, {sum(g > 0 for g in gains)}/{len(gains)} tasks "
-              f"ahead (paper 004: +0.28 .. +1.00 dB, every task)")
+              f"ahead (Willingham et al. [4]: +0.28 .. +1.00 dB, every task)")
     print(f"wall time {wall:.0f} s")
     payload = {"rows": rows, "budget": b, "quick": args.quick, "wall_time_s": wall, "overrides": args.overrides,
                **{k: v for k, v in ckpts.items()}}

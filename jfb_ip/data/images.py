@@ -317,13 +317,13 @@ class ImageFolder(Dataset):
 
 
 class CelebA(Dataset):
-    """CelebA from its official layout, with the official split (paper 000 §5.1).
+    """CelebA from its official layout, with the official split (Liu et al. [1] §5.1).
 
     ``<root>/celeba/img_align_celeba/*.jpg`` and ``<root>/celeba/list_eval_partition.txt``
     (lines ``<file> <0|1|2>`` for train/valid/test). Images are resized so the shorter side
     is ``resize`` (default image_size; at least image_size) and center-cropped to ``image_size``
     (128 in the paper); training adds flips. ``limit`` keeps the first n files of the split
-    (paper 000 used 10k).
+    (Liu et al. [1] used 10k).
 
     Construction checks that every file the split lists exists (one directory listing, cheap for
     200k files). ``check()`` decodes only ``CHECK_DECODE`` files spread evenly over the split

@@ -180,7 +180,7 @@ class ReconstructionModule(L.LightningModule):
         trainer = self._trainer
         n = getattr(self.task, "problems_per_image", 1)
         if trainer is not None and trainer.training and n > 1:
-            # paper 004 Alg. 1: N problems per clean image, each degraded its own way, so the batch-mean loss is the
+            # Willingham et al. [4] Alg. 1: N problems per clean image, each degraded its own way, so the batch-mean loss is the
             # mean over the N problems; problem j of image i gets index i*N + j (distinct seeds with fixed noise)
             x, idx = x.repeat_interleave(n, 0), idx.repeat_interleave(n, 0) * n + torch.arange(n).repeat(len(idx)).to(idx)
         if trainer is not None and trainer.training and not self.hparams.fixed_train_noise:

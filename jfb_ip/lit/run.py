@@ -182,7 +182,7 @@ def check_weight_averaging(callbacks: list, module: torch.nn.Module) -> None:
     vectors of spectral or operator-norm normalisation among them; those rotate as the weights train, so their
     average is shorter than a unit vector, each conv's norm is underestimated and the normalised weights too large.
     Measured on the deblurring default: averaged vectors of norm 0.53-0.69, validation 5.7 dB, Lip(T) 48000 (README,
-    "What moves the default model's number", session 15). With ``use_buffers=false`` torch's AveragedModel averages the
+    "What moves the default model's number"). With ``use_buffers=false`` torch's AveragedModel averages the
     parameters alone and keeps the buffers in sync with the live model, which is fine."""
     from lightning.pytorch.callbacks import WeightAveraging
 

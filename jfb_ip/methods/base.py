@@ -41,7 +41,7 @@ class Reconstruction:
     def loss(self, x: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor], aux_loss: bool = False,
              keep: Tensor | None = None) -> Tensor:
         """loss_fn(x_hat, x) on the samples in ``keep`` (all by default), plus, with ``aux_loss``,
-        loss_fn of every intermediate stage (paper 002, "Aux loss"): the one place this is computed."""
+        loss_fn of every intermediate stage (Guan et al. [3], "Aux loss"): the one place this is computed."""
         sel = (lambda t: t) if keep is None else (lambda t: t[keep])
         total = loss_fn(sel(self.x), sel(x))
         if aux_loss and len(self.stages) > 1:
@@ -55,7 +55,7 @@ class Method(nn.Module):
     """``forward(meas) -> Reconstruction``.
 
     ``n_stages``: how many per-stage estimates ``Reconstruction.stages`` holds (1: none).
-    ``aux_loss``: add the loss of every intermediate stage (paper 002).
+    ``aux_loss``: add the loss of every intermediate stage (Guan et al. [3]).
     ``backward_mode``: the backward mode of its fixed point, or None.
     """
 
@@ -122,7 +122,7 @@ class Equilibrium:
 def running_stats_without_grad(f: Callable[[Tensor], Tensor], module: nn.Module) -> Callable[[Tensor], Tensor]:
     """``f`` with ``module``'s training-mode BatchNorm layers on their running statistics whenever grad is off.
 
-    Paper 000 puts BatchNorm in its DnCNN but does not say how it behaves inside the fixed-point solve. In
+    Liu et al. [1] put BatchNorm in their DnCNN but do not say how it behaves inside the fixed-point solve. In
     training mode it would normalise each solver iteration with the current iterates' batch statistics and
     move the running averages at every iteration: T would change from one iteration to the next and a
     sample's fixed point would depend on the rest of its batch. So the no-grad forward solve uses the
@@ -239,7 +239,7 @@ class FixedPointMethod(Method):
     def lipschitz_estimates(self, meas: Measurement, n_iter: int = 20,
                             rec: Reconstruction | None = None) -> dict[str, float]:
         """Local Lipschitz constants of the network and of T at this batch's fixed points (power
-        iteration on J^T J; mean and max over samples). Theorem 3.1 of paper 000 needs Lip(T) < 1 for
+        iteration on J^T J; mean and max over samples). Theorem 3.1 of Liu et al. [1] needs Lip(T) < 1 for
         a contraction; whether the network's normalisation guarantees it is said in DnCNN's docstring.
 
         Also ``equilibrium_error``: what the solve's stopping residual says about its distance to the

@@ -22,7 +22,7 @@ def default_lambda_grid() -> list[float]:
 def tikhonov(meas: Measurement, lam: Tensor | float, prior: str = "gradient", n_iter: int = 200,
              tol: float = 1e-6) -> Tensor:
     """argmin_x ||Ax - y||^2 + lam ||Px||^2 with P = I ('identity') or forward differences
-    ('gradient'): the direct inverse of paper 000 made stable. With the gradient prior it is the
+    ('gradient'): the direct inverse of Liu et al. [1] made stable. With the gradient prior it is the
     Wiener filter for a 1/|w|^2 image spectrum. Exact by FFT when A is a circular convolution
     (its ``fourier_multiplier``), conjugate gradient on the normal equations otherwise."""
     if prior not in PRIORS:

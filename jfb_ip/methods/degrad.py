@@ -14,12 +14,12 @@ from .classical import Wiener
 
 
 class DEGRAD(FixedPointMethod):
-    """Fixed point of T(x) = x - eta * (A^T(Ax - d) + S(x)), eq. (3.5)-(3.6) of paper 000.
+    """Fixed point of T(x) = x - eta * (A^T(Ax - d) + S(x)), eq. (3.5)-(3.6) of Liu et al. [1].
 
     The learned term is S(x) = lam * (x - N(x)) with N the network (a denoiser-like map with
     a Lipschitz constant eps < 1 when spectral normalisation is on) and lam in (0, 1) a
     learned weight. Then S - lam*I is lam*eps-Lipschitz and, for eta <= 1/(L + 1),
-    Theorem 3.1 of paper 000 (with the data term scaled by 1/lam) gives the contraction
+    Theorem 3.1 of Liu et al. [1] (with the data term scaled by 1/lam) gives the contraction
     factor gamma = 1 - eta * lam * (1 - eps) < 1, whatever the blur's smallest eigenvalue.
     At lam -> 0 the fixed point is the least-squares solution; N(x) = 0 gives Tikhonov.
 
@@ -36,7 +36,7 @@ class DEGRAD(FixedPointMethod):
     conjugate gradient for CT.
 
     ``inject="input"`` gives the network the initializer z0 = meas.init() as extra input channels (input
-    injection, as in Bai et al.'s DEQs and the injection layer of paper 002's LUSER block): N(x) becomes
+    injection, as in Bai et al.'s DEQs and the injection layer of Guan et al.'s [3] LUSER block): N(x) becomes
     net([x, z0]); ``inject="anchor"`` also adds z0 to the output, N(x) = z0 + tanh(g) net([x, z0]), so the
     network learns a correction of the initializer instead of reproducing the image through its layers. The
     gate g is learned from 0 (ReZero, Bachlechner et al. 2021): the untrained model's equilibrium is then the
@@ -64,7 +64,7 @@ class DEGRAD(FixedPointMethod):
             channels in and gives the image channels out.
         initializer: z0: ``"task"`` (the task's initializer, ``meas.init()``) or ``"wiener"`` (above).
         reg_relative: weigh the prior relative to the data term's scale L = ||A||^2: S(x) = lam L (x - N(x)), the
-            prox at lam L, and eta = 1/(2L) when not given. At L = 1 (blur, inpainting, MRI) this is paper 000's
+            prox at lam L, and eta = 1/(2L) when not given. At L = 1 (blur, inpainting, MRI) this is Liu et al.'s [1]
             map exactly; it makes the map invariant to a rescaling of A, so lam in (0, 1) suits every operator
             (CT's ||A||^2 is in the hundreds: with an absolute lam the prior weighs nothing beside the data
             there; SR's is 1/f^2), as the Wiener baseline's weight is relative to ||A||^2.
@@ -176,7 +176,7 @@ class DEGRAD(FixedPointMethod):
         return (self.reg_weight if lam is None else lam) * (x - self.N(x, z0))
 
     def T(self, x: Tensor, meas: Measurement, eta: Tensor | None, z0: Tensor | None = None) -> Tensor:
-        """One DE-GRAD step, eq. (3.6) of paper 000 (``data_step="prox"``: T_prox of the class docstring).
+        """One DE-GRAD step, eq. (3.6) of Liu et al. [1] (``data_step="prox"``: T_prox of the class docstring).
         ``z0``: the injected initializer (computed from ``meas`` when needed and not given)."""
         if self.inject != "none" and z0 is None:
             z0 = self.init(meas)

@@ -1,5 +1,5 @@
-"""A noise-conditioned Gaussian denoiser as a method (``method=denoiser``): the prior of paper 004's
-PnP-ADMM ("pre-trained as a Gaussian denoiser", §III-B) and the initialisation of MTDEQ."""
+"""A noise-conditioned Gaussian denoiser as a method (``method=denoiser``): the prior of the
+PnP-ADMM of Willingham et al. [4] ("pre-trained as a Gaussian denoiser", §III-B) and the initialisation of MTDEQ."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -15,7 +15,7 @@ class Denoiser(Method):
 
     With ``task=denoise`` (A = I, a noise level drawn per sample over a range) ``meas.init()`` is the
     noisy image and ``meas.sigma`` its noise std, so training with the MSE loss is DRUNet's training
-    of a Gaussian denoiser (paper 004's ref. [5]). On another task it is a learned post-processing of
+    of a Gaussian denoiser (ref. [5] of Willingham et al. [4]). On another task it is a learned post-processing of
     the task's initial guess, conditioned on the measurement noise (no physics inside).
 
     Contract for priors (:func:`jfb_ip.methods.pnp.load_denoiser`): the network is the ``net``

@@ -1,4 +1,4 @@
-"""DE-Prox: the deep-equilibrium proximal-gradient map (paper 001 §3.3 ii)."""
+"""DE-Prox: the deep-equilibrium proximal-gradient map (Liu et al. [2] §3.3 ii)."""
 from __future__ import annotations
 
 import math

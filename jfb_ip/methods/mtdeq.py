@@ -1,4 +1,4 @@
-"""MTDEQ: the multi-task deep-equilibrium prior of paper 004 (Alg. 1, eq. (3), §III)."""
+"""MTDEQ: the multi-task deep-equilibrium prior of Willingham et al. [4] (Alg. 1, eq. (3), §III)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,7 +30,7 @@ def load_net_weights(net: nn.Module, path: str | Path) -> None:
 
 
 class MTDEQ(FixedPointMethod):
-    """Fixed point of the forward-backward map of eq. (3) of paper 004:
+    """Fixed point of the forward-backward map of eq. (3) of Willingham et al. [4]:
 
         f(z) = Q_theta(z - eta A^T(Az - y), sigma_denoise),   sigma_denoise = eta * sigma_noise,
 
@@ -53,7 +53,7 @@ class MTDEQ(FixedPointMethod):
 
     Args:
         net: Q_theta, called as ``net(x, sigma)`` with sigma (B,).
-        eta: the step size (paper 004: 0.49).
+        eta: the step size (Willingham et al. [4]: 0.49).
         init_from: a train.py checkpoint whose ``method.net`` has this architecture (``method=denoiser``); its
             weights are copied in before the first forward pass (not at construction, so a trained MTDEQ
             checkpoint rebuilds even where that file is gone: its own weights replace them anyway).
@@ -68,7 +68,7 @@ class MTDEQ(FixedPointMethod):
                  contraction_target: float = 0.9, contraction_iters: int = 4):
         super().__init__(solver, backward, log_lipschitz, contraction_penalty, contraction_target, contraction_iters)
         if not eta > 0:
-            raise ValueError(f"MTDEQ: eta must be > 0 (paper 004: 0.49), got {eta!r}")
+            raise ValueError(f"MTDEQ: eta must be > 0 (Willingham et al. [4]: 0.49), got {eta!r}")
         self.net, self.eta = net, float(eta)
         self.init_from = None if init_from in (None, "") else str(init_from)
         # True once init_from's weights are in (or when there is nothing to load); saved in checkpoints,
@@ -79,7 +79,7 @@ class MTDEQ(FixedPointMethod):
         return per_sample(self.eta, like)
 
     def denoise_sigma(self, meas: Measurement) -> Tensor:
-        """sigma_denoise = eta * sigma_noise per sample (§III-B of paper 004)."""
+        """sigma_denoise = eta * sigma_noise per sample (§III-B of Willingham et al. [4])."""
         return self.eta * meas.sigma
 
     def network_map(self, meas: Measurement) -> Callable[[Tensor], Tensor]:
@@ -87,7 +87,7 @@ class MTDEQ(FixedPointMethod):
         return lambda x: self.net(x, sigma)
 
     def T(self, z: Tensor, meas: Measurement, eta: Tensor) -> Tensor:
-        """f_{i,theta}(z) of eq. (3) of paper 004."""
+        """f_{i,theta}(z) of eq. (3) of Willingham et al. [4]."""
         return self.net(z - eta * meas.grad(z), self.denoise_sigma(meas))
 
     def _initialise(self) -> None:
@@ -97,6 +97,6 @@ class MTDEQ(FixedPointMethod):
 
     def forward(self, meas: Measurement) -> Reconstruction:
         self._initialise()
-        z0 = meas.init()  # paper 004: z_i = P(y_i) (y for blur/completion, bilinear resizing for SR)
+        z0 = meas.init()  # Willingham et al. [4]: z_i = P(y_i) (y for blur/completion, bilinear resizing for SR)
         eta = self.step_size(meas, z0)
         return self.solve_map(self.bound_map(meas, eta), z0, module=self.net)

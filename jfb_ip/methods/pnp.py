@@ -1,4 +1,4 @@
-"""Plug-and-play ADMM with a noise-conditioned denoiser as the prior's prox (paper 004 §III-C), and
+"""Plug-and-play ADMM with a noise-conditioned denoiser as the prior's prox (Willingham et al. [4] §III-C), and
 loading such a denoiser from a train.py checkpoint."""
 from __future__ import annotations
 
@@ -80,12 +80,12 @@ def default_pnp_lambda_grid() -> list[float]:
 
 
 class PnPADMM(CalibratedMethod):
-    """Plug-and-play ADMM (Chan et al. 2016, ref. [1] of paper 004) with a decreasing denoiser strength,
-    the test-time algorithm of paper 004 §III-C ("as described and used for testing in [8]").
+    """Plug-and-play ADMM (Chan et al. 2016, ref. [1] of Willingham et al. [4]) with a decreasing denoiser strength,
+    the test-time algorithm of Willingham et al. [4] §III-C ("as described and used for testing in [8]").
 
-    Paper 004 takes the schedule's values (iterations, sigma_0, sigma_m) from its ref. [8] without stating
-    the rho coupling; the coupling implemented here is DPIR's (Zhang et al. 2021, ref. [5] of paper 004,
-    ``get_rho_sigma``), the schedule of the Gaussian denoiser paper 004 pre-trains from:
+    Willingham et al. [4] take the schedule's values (iterations, sigma_0, sigma_m) from their ref. [8] without stating
+    the rho coupling; the coupling implemented here is DPIR's (Zhang et al. 2021, ref. [5] of Willingham et al. [4],
+    ``get_rho_sigma``), the schedule of the Gaussian denoiser that Willingham et al. [4] pre-train from:
 
         sigma_k = sigma_max^(1 - t_k) * sigma_min^(t_k),  t_k = k / (n_iter - 1)   (log-spaced, k = 0 .. n_iter-1)
         rho_k   = lam * s^2 / sigma_k^2,  s = max(sigma_noise, noise_floor)         (per sample)

@@ -1,5 +1,5 @@
-"""Total-variation regularised least squares (Rudin-Osher-Fatemi; the TV baseline of paper 000 §5.2 and of
-paper 004's comparisons), solved by the primal-dual method of Chambolle and Pock (2011)."""
+"""Total-variation regularised least squares (Rudin-Osher-Fatemi; the TV baseline of Liu et al. [1] §5.2 and of
+Willingham et al.'s [4] comparisons), solved by the primal-dual method of Chambolle and Pock (2011)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Loop-unrolled proximal gradient with K stages: LU-DnCNN and LUSER (paper 002)."""
+"""Loop-unrolled proximal gradient with K stages: LU-DnCNN and LUSER (Guan et al. [3])."""
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
@@ -13,7 +13,7 @@ from .base import Equilibrium, Method, Reconstruction, fixed_weights, refuse_fix
 
 
 class UnrolledMethod(Method):
-    """x_{k+1} = prox_k(d_k), d_k = x_k + (s / L) A^T(y - A x_k), k = 0..K-1 (paper 002 §3).
+    """x_{k+1} = prox_k(d_k), d_k = x_k + (s / L) A^T(y - A x_k), k = 0..K-1 (Guan et al. [3] §3).
 
     ``s`` is one step-size multiplier (learnable by default), scaled by 1/L with
     L = lambda_max(A^T A) so one value suits every operator; x_0 = meas.init().
@@ -47,7 +47,7 @@ class UnrolledMethod(Method):
 
 
 class LUDnCNN(UnrolledMethod):
-    """LU-DnCNN (paper 002 §4.1): one DnCNN shared by all K stages, full backprop."""
+    """LU-DnCNN (Guan et al. [3] §4.1): one DnCNN shared by all K stages, full backprop."""
 
     def __init__(self, net: nn.Module, stages: int = 8, step_size: float = 1.0, learn_step_size: bool = True,
                  aux_loss: bool = False, backward: Mapping[str, Any] | None = None,
@@ -63,7 +63,7 @@ class LUDnCNN(UnrolledMethod):
 
 
 class LUSER(UnrolledMethod):
-    """LUSER (paper 002 §3, eq. 7): each stage's prox is a shallow equilibrium block,
+    """LUSER (Guan et al. [3] §3, eq. 7): each stage's prox is a shallow equilibrium block,
     x_{k+1} = d_k + r*, r* = Mix(Data(r*) (+) Inj(d_k)) solved from r^(0) = 0 with the
     configured forward solver and trained with the configured backward mode.
 

@@ -1,4 +1,4 @@
-"""DnCNN (Zhang et al. 2017) as used in paper 000 §5.1 and paper 002 §4.1."""
+"""DnCNN (Zhang et al. 2017) as used in Liu et al. [1] §5.1 and Guan et al. [3] §4.1."""
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -23,7 +23,7 @@ def lipschitz_conv(conv: nn.Conv2d, gamma: float, mode: str = "kernel") -> nn.Co
     """Normalise a conv and scale it by gamma.
 
     mode="kernel": spectral normalisation (Miyato et al. 2018) of the reshaped kernel matrix,
-        W / ||W||_2 * gamma, as paper 000 §5.1 describes. This does NOT bound the convolution's
+        W / ||W||_2 * gamma, as §5.1 of Liu et al. [1] describes. This does NOT bound the convolution's
         operator norm: a 3x3 conv can exceed gamma by up to a factor 3 (the kernel side);
         measured on the trained default model: 1.3 to 2.2 for gamma = 0.99.
     mode="operator": :class:`ConvOperatorNorm`, the operator norm of the convolution itself at
@@ -45,16 +45,16 @@ class DnCNN(nn.Module):
         in_channels / out_channels: image channels (out defaults to in).
         depth: number of conv layers (paper: 17).
         width: feature channels (paper: 64).
-        batch_norm: BatchNorm after the middle convs (paper 000 uses it; it breaks the
+        batch_norm: BatchNorm after the middle convs (Liu et al. [1] use it; it breaks the
             Lipschitz bound in training mode, so the contractive default is off).
-        spectral_norm: normalise every conv, scaled by ``gamma`` (paper 000 §5.1).
-        norm_mode: 'kernel' (the reshaped kernel matrix, paper 000's spectral norm: no Lipschitz
+        spectral_norm: normalise every conv, scaled by ``gamma`` (Liu et al. [1] §5.1).
+        norm_mode: 'kernel' (the reshaped kernel matrix, Liu et al.'s [1] spectral norm: no Lipschitz
             bound on N) or 'operator' (each conv's true operator norm is gamma at the input size,
             so with ReLU, no BatchNorm in training mode, Lip(N) <= gamma^depth, and the DE-GRAD
-            map is a contraction by Theorem 3.1 of paper 000; biases do not matter).
+            map is a contraction by Theorem 3.1 of Liu et al. [1]; biases do not matter).
         residual: return x - net(x) (the denoiser form) instead of net(x).
-        bias: biases in the convs (paper 002 Table 3 counts a bias-free DnCNN).
-        padding_mode: the convs' padding, 'zeros' (paper 000's DnCNN) or 'circular'. With a circular
+        bias: biases in the convs (Table 3 of Guan et al. [3] counts a bias-free DnCNN).
+        padding_mode: the convs' padding, 'zeros' (Liu et al.'s [1] DnCNN) or 'circular'. With a circular
             forward operator (the deblur tasks) circular padding makes every pixel of a training crop an
             interior pixel: the network then behaves the same on a 48x48 crop and on a large photo,
             instead of spending most of a small crop's training signal on its zero-padded border.

@@ -1,4 +1,4 @@
-"""The shallow equilibrium proximal block of LUSER (paper 002, Fig. 1, eq. 7, Table 1)."""
+"""The shallow equilibrium proximal block of LUSER (Guan et al. [3], Fig. 1, eq. 7, Table 1)."""
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ def _conv(cin: int, cout: int, gamma: float, mode: str = "kernel") -> nn.Conv2d:
 
 
 class LUSERBlock(nn.Module):
-    """Injection, data and mixing layers of Table 1 of paper 002, for C image channels.
+    """Injection, data and mixing layers of Table 1 of Guan et al. [3], for C image channels.
 
     Injection: SN conv C->32, LeakyReLU, SN conv 32->32, LeakyReLU (applied once to d_k).
     Data:      SN conv C->32, GN, LeakyReLU, SN conv 32->32, GN, LeakyReLU (applied to r).
@@ -33,7 +33,7 @@ class LUSERBlock(nn.Module):
 
     What is guaranteed (``norm_mode``, ``max_norm_gain``): GroupNorm's Jacobian is
     diag(w) / sqrt(var + eps) times a projection, so its gain is at most max|w| / sqrt(eps).
-    With ``norm_mode="kernel"`` (the default; paper 002's spectral norm of the reshaped kernel) a
+    With ``norm_mode="kernel"`` (the default; Guan et al.'s [3] spectral norm of the reshaped kernel) a
     3x3 conv may still exceed gamma by up to 3x and the affine weights w are free, so nothing bounds
     the map: it is non-expansive at initialisation only. With ``norm_mode="operator"`` the five
     recurrent convs (data and mixing) have operator norm gamma at their input size

@@ -1,6 +1,6 @@
 """A small noise-conditioned UNet in the style of DRUNet (Zhang et al., "Plug-and-play image
-restoration with deep denoiser prior", TPAMI 2021 = ref. [5] of paper 004), the prior
-Q_theta(x, sigma) of paper 004 §III-B: "a DRUNet that uses the noise-level-map as additional input"."""
+restoration with deep denoiser prior", TPAMI 2021 = ref. [5] of Willingham et al. [4]), the prior
+Q_theta(x, sigma) of Willingham et al. [4] §III-B: "a DRUNet that uses the noise-level-map as additional input"."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -62,7 +62,7 @@ class GaussianBlur(LinearOperator):
         return filter2d(y, self.kernel.to(y.dtype), border_type=_PADDING[self.padding], behaviour="corr")
 
     def init(self, y: Tensor) -> Tensor:
-        """The blurred image itself is the natural initial guess (paper 000: x^0 depends on d)."""
+        """The blurred image itself is the natural initial guess (Liu et al. [1]: x^0 depends on d)."""
         return y
 
     # --- closed forms for circular padding -------------------------------------------------

@@ -1,4 +1,4 @@
-"""Parallel-beam computed tomography: the Radon transform (paper 002 §4: "the forward operator
+"""Parallel-beam computed tomography: the Radon transform (Guan et al. [3] §4: "the forward operator
 is a Radon transform, and we uniformly select 200 out of 1000 angles"; the data, LoDoPaB-CT,
 has 362 x 362 images and 513 detector bins).
 
@@ -26,7 +26,7 @@ from .operator import LinearOperator
 
 INIT_MODES = ("adjoint", "fbp")
 
-# LoDoPaB-CT (the data of paper 002): 362 x 362 images measured at 200 of its 1000 angles
+# LoDoPaB-CT (the data of Guan et al. [3]): 362 x 362 images measured at 200 of its 1000 angles
 _REF_SIDE, _REF_ANGLES, _MIN_ANGLES = 362, 200, 8
 # operators whose full sampling grid has at most this many elements keep it between calls
 _GRID_CACHE_ELEMENTS = 2**24
@@ -55,7 +55,7 @@ class _RadonAdjoint(torch.autograd.Function):
 
 
 def default_n_angles(image_size: int) -> int:
-    """Paper 002's 200 angles for LoDoPaB's 362-pixel side, scaled with the side (the number of
+    """Guan et al.'s [3] 200 angles for LoDoPaB's 362-pixel side, scaled with the side (the number of
     angles a side needs for the same angular sampling grows linearly with it), at least 8."""
     return max(_MIN_ANGLES, round(_REF_ANGLES * image_size / _REF_SIDE))
 
@@ -68,7 +68,7 @@ class CT(LinearOperator):
         image_size: H (square) or (H, W).
         detector_size: number D of unit-spaced detector bins; default ceil(sqrt(H^2 + W^2)),
             so every pixel is seen at every angle (512 for a 362 side; LoDoPaB has 513).
-        init_mode: what :meth:`init` returns: 'adjoint' (A^T y, as paper 002) or 'fbp'.
+        init_mode: what :meth:`init` returns: 'adjoint' (A^T y, as Guan et al. [3]) or 'fbp'.
         max_elements: bound on the elements of one chunk of sampled rays (B * C * angles * D *
             ray samples); angles are processed in chunks under it to bound memory.
     """
@@ -195,7 +195,7 @@ class CT(LinearOperator):
         return self.A_adjoint(self.ramp_filter(y)) * (math.pi / self.n_angles)
 
     def init(self, y: Tensor) -> Tensor:
-        """A^T y (paper 002's choice, for consistency across tasks) or the FBP (``init_mode='fbp'``)."""
+        """A^T y (Guan et al.'s [3] choice, for consistency across tasks) or the FBP (``init_mode='fbp'``)."""
         return self.fbp(y) if self.init_mode == "fbp" else self.A_adjoint(y)
 
     def to(self, device=None, dtype=None) -> "CT":

@@ -1,5 +1,5 @@
-"""Gaussian denoising: A = I, the task a plug-and-play prior is trained on (paper 004 §III-B: the
-prior is "pre-trained as a Gaussian denoiser"; DRUNet, its ref. [5], draws the noise level per
+"""Gaussian denoising: A = I, the task a plug-and-play prior is trained on (Willingham et al. [4] §III-B: the
+prior is "pre-trained as a Gaussian denoiser"; DRUNet, their ref. [5], draws the noise level per
 sample over a range)."""
 from __future__ import annotations
 

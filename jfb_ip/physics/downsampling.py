@@ -1,4 +1,4 @@
-"""Anti-aliased decimation: the super-resolution task of paper 004 §III ("bicubic down-sampling
+"""Anti-aliased decimation: the super-resolution task of Willingham et al. [4] §III ("bicubic down-sampling
 with factor f_downscale in {1, 2, 3, 4}, ... initialized using bilinear resizing to the original
 size"; its Table II also tests a Gaussian anti-aliasing kernel).
 
@@ -72,12 +72,12 @@ class Downsampling(LinearOperator):
     times f, so nothing about the image needs storing). H and W must be multiples of f.
 
     Args:
-        factor: integer decimation factor (paper 004 uses 2, 3, 4; 1 with 'bicubic' is the identity).
+        factor: integer decimation factor (Willingham et al. [4] use 2, 3, 4; 1 with 'bicubic' is the identity).
         filter: 'bicubic' (MATLAB imresize antialiasing kernel, see the module docstring) or
             'gaussian' (a sampled Gaussian, normalised to sum 1, truncated at 3 sigma).
         sigma: standard deviation in high-resolution pixels of the 'gaussian' filter; default
             factor / 2 (the width of half a decimation block).
-        init_mode: how :meth:`init` resizes y to the image size: 'bilinear' (paper 004) or 'bicubic'.
+        init_mode: how :meth:`init` resizes y to the image size: 'bilinear' (Willingham et al. [4]) or 'bicubic'.
     """
 
     def __init__(self, factor: int, filter: str = "bicubic", sigma: float | None = None, init_mode: str = "bilinear"):
@@ -128,7 +128,7 @@ class Downsampling(LinearOperator):
         return z.reshape(B, C, H, W)
 
     def init(self, y: Tensor) -> Tensor:
-        """y resized to the image size by bilinear (paper 004) or bicubic interpolation."""
+        """y resized to the image size by bilinear (Willingham et al. [4]) or bicubic interpolation."""
         self._check(y, low_res=True)
         size = (y.shape[-2] * self.factor, y.shape[-1] * self.factor)
         return F.interpolate(y, size=size, mode=self.init_mode, align_corners=False)

@@ -1,4 +1,4 @@
-"""Pixel-wise completion (inpainting) with random dropped pixels (paper 004 §III: "pixel-wise
+"""Pixel-wise completion (inpainting) with random dropped pixels (Willingham et al. [4] §III: "pixel-wise
 completion with each pixel having a chance of p_drop of being dropped")."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class Inpainting(LinearOperator):
     """A x = m * x with a 0/1 mask m (1 = kept); A is diagonal, so A = A^T and A^T A = m^2.
 
     The mask has one channel and is shared by the colour channels: a dropped pixel loses all
-    its colours, as in paper 004. Dropped pixels are measured as 0 (y keeps the image's shape).
+    its colours, as in Willingham et al. [4]. Dropped pixels are measured as 0 (y keeps the image's shape).
     The formulas below use m^2 rather than m so that they stay exact for a soft (non-binary) mask.
 
     Args:
@@ -81,7 +81,7 @@ class Inpainting(LinearOperator):
 
     def init(self, y: Tensor) -> Tensor:
         """``init="zeros"``: y itself (dropped pixels at 0; it lies in the image domain, like the blurred image of
-        paper 002); ``init="fill"``: :meth:`fill`."""
+        Guan et al. [3]); ``init="fill"``: :meth:`fill`."""
         return self.fill(y) if self.init_mode == "fill" else y
 
     def fill(self, y: Tensor) -> Tensor:

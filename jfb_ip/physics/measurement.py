@@ -31,7 +31,7 @@ class Measurement:
         return self.physics.A_adjoint(y)
 
     def grad(self, x: Tensor) -> Tensor:
-        """Gradient of the data term 1/2||Ax - y||^2: A^T(Ax - y) (the data part of eq. (3.5), paper 000)."""
+        """Gradient of the data term 1/2||Ax - y||^2: A^T(Ax - y) (the data part of eq. (3.5), Liu et al. [1])."""
         return self.physics.A_adjoint(self.physics.A(x) - self.y)
 
     def init(self) -> Tensor:

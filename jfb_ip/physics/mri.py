@@ -1,5 +1,5 @@
 """Single-coil accelerated MRI: a 2D Fourier transform keeping a random subset of k-space
-columns (paper 002 §4: "a 2-dimensional Fourier transform with randomly selected rows ...
+columns (Guan et al. [3] §4: "a 2-dimensional Fourier transform with randomly selected rows ...
 4x and 8x acceleration"; masks drawn like fastMRI's ``RandomMaskFunc``, Zbontar et al. 2018).
 
 Layout choices:
@@ -102,7 +102,7 @@ class MRI(LinearOperator):
         return torch.fft.ifft2(torch.fft.ifftshift(k, dim=_FFT_DIMS), norm="ortho").real
 
     def init(self, y: Tensor) -> Tensor:
-        """The zero-filled reconstruction A^T y (paper 002 initialises MRI with the adjoint)."""
+        """The zero-filled reconstruction A^T y (Guan et al. [3] initialise MRI with the adjoint)."""
         return self.A_adjoint(y)
 
     def symmetric_multiplier(self, dtype, device) -> Tensor:

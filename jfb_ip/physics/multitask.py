@@ -1,4 +1,4 @@
-"""Paper 004's multi-task batch: every sample has its own degradation (blur, pixel completion or
+"""Willingham et al.'s [4] multi-task batch: every sample has its own degradation (blur, pixel completion or
 super-resolution) and its own noise level, and the methods never see the mixing.
 
 :class:`MixedMeasurement` is the DESIGN's "list of measurements over sub-batches": one ordinary
@@ -6,7 +6,7 @@ super-resolution) and its own noise level, and the methods never see the mixing.
 the methods' interface (``grad``, ``init``, ``prox_data``, ``lambda_max``, ``sigma``, ...) and
 reassembles every image-shaped result along the batch dimension in the original order.
 
-:class:`MultiTask` is the task that draws such batches (Alg. 1 and §III-A of paper 004).
+:class:`MultiTask` is the task that draws such batches (Alg. 1 and §III-A of Willingham et al. [4]).
 """
 from __future__ import annotations
 
@@ -84,11 +84,11 @@ class MixedMeasurement:
 
     # ------------------------------------------------------------------ what methods call
     def grad(self, x: Tensor) -> Tensor:
-        """A_i^T(A_i x_i - y_i) per sample i (the data-term gradient of eq. (3) of paper 004)."""
+        """A_i^T(A_i x_i - y_i) per sample i (the data-term gradient of eq. (3) of Willingham et al. [4])."""
         return self.per_part(Measurement.grad, x)
 
     def init(self) -> Tensor:
-        """Each part's initial guess (paper 004: y for blur and completion, bilinear resizing P(y) for SR)."""
+        """Each part's initial guess ([4]: y for blur and completion, bilinear resizing P(y) for SR)."""
         return self._assemble([m.init() for _, m in self.parts])
 
     def prox_data(self, v: Tensor, rho) -> Tensor:
@@ -145,8 +145,8 @@ class MixedMeasurement:
 
 
 FAMILIES = ("blur", "inpaint", "sr")
-_PAPER = MappingProxyType({})  # a family's default: paper 004's values for every key
-# paper 004 §III-A
+_PAPER = MappingProxyType({})  # a family's default: Willingham et al.'s [4] values for every key
+# Willingham et al. [4] §III-A
 PAPER_BLUR_SIGMA = (0.4, 0.8, 1.2, 1.6, 2.0, 2.4)
 PAPER_P_DROP = (0.2, 0.4, 0.5, 0.6, 0.8, 0.9)
 PAPER_SR_FACTORS = (1, 2, 3, 4)
@@ -173,7 +173,7 @@ def _family(name: str, cfg, allowed: set[str]) -> dict | None:
 
 
 class MultiTask(Task):
-    """Paper 004's multi-task degradations (Alg. 1, §III-A): each sample draws its own operator and noise.
+    """Willingham et al.'s [4] multi-task degradations (Alg. 1, §III-A): each sample draws its own operator and noise.
 
     A sample first draws a family, then its parameter, then its noise std, all on the device from the
     task's generator (training) or from the sample's own seed (validation/test: the same sample gets the
@@ -187,16 +187,16 @@ class MultiTask(Task):
       initialised by ``init_mode`` (bilinear) resizing; factor 1 is plain denoising (identity operator).
 
     The noise std comes from ``{noise_step * s, s = 0 .. noise_levels - 1}`` (paper: 0.005 and 50).
-    With ``continuous`` false (paper 004) blur stds, drop probabilities and noise stds are drawn from the
-    listed values; with true, uniformly from [min, max] of each list (the issue's "0.4..2.4" reading).
+    With ``continuous`` false (Willingham et al. [4]) blur stds, drop probabilities and noise stds are drawn from the
+    listed values; with true, uniformly from [min, max] of each list (the paper's "0.4..2.4" read as a range).
 
     Args:
-        blur: ``{sigma: [...], kernel_size, padding, weight}`` (a key left out: paper 004's value; the default
+        blur: ``{sigma: [...], kernel_size, padding, weight}`` (a key left out: the value of [4]; the default
             ``{}`` is the paper's blur) or None to leave blur out.
         inpaint: ``{p_drop: [...], weight}`` or None.
         sr: ``{factors: [...], filter, init_mode, weight}`` or None.
             ``weight`` (every family): the family's relative frequency; None: its number of listed values, so
-            the draw is uniform over the listed degradations (paper 004: (A_i, sigma_i) picked from A x Sigma).
+            the draw is uniform over the listed degradations ([4]: (A_i, sigma_i) picked from A x Sigma).
         noise_step, noise_levels: the noise grid.
         continuous: see above.
         problems_per_image: N of Alg. 1: in training every clean image is repeated N times, each copy with its

@@ -2,7 +2,7 @@
 
 Every operator acts on a batch ``(B, C, H, W)``; parameters that vary per sample (a blur
 kernel, a mask, ...) are stored batched on the operator, so one object serves a whole
-batch. This is what lets a multi-task batch (paper 004) reuse the same methods.
+batch. This is what lets a multi-task batch (Willingham et al. [4]) reuse the same methods.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class LinearOperator:
     """Base class: subclasses implement :meth:`A` and :meth:`A_adjoint`.
 
     ``lambda_max(shape)`` returns L = lambda_max(A^T A) per sample (the constant of Theorem
-    3.1 of paper 000), found by power iteration and cached per input shape.
+    3.1 of Liu et al. [1]), found by power iteration and cached per input shape.
     """
 
     def A(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract

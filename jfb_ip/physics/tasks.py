@@ -60,7 +60,7 @@ class Task:
     channels: int | None = None
     suggested_data: str | None = None
     noise_std: float = 0.0
-    # training problems posed per clean image (paper 004's N; the module repeats the images, see MultiTask)
+    # training problems posed per clean image (Willingham et al.'s [4] N; the module repeats the images, see MultiTask)
     problems_per_image: int = 1
 
     def operator(self, x: Tensor, generator=None, seeds: Tensor | None = None):  # pragma: no cover - abstract
@@ -99,7 +99,7 @@ class Task:
 
 
 class Deblur(Task):
-    """Gaussian blur + white Gaussian noise (paper 000 §5.1-5.2, paper 002 §4).
+    """Gaussian blur + white Gaussian noise (Liu et al. [1] §5.1-5.2, Guan et al. [3] §4).
 
     Args:
         kernel_size: odd side of the kernel.
@@ -130,14 +130,14 @@ class Deblur(Task):
 
 
 class Inpaint(Task):
-    """Pixel-wise completion (paper 004 §III): each pixel is dropped with probability ``p_drop``,
+    """Pixel-wise completion (Willingham et al. [4] §III): each pixel is dropped with probability ``p_drop``,
     all its channels together, with a fresh mask per sample; white Gaussian noise of std
     ``noise_std`` on the kept pixels (dropped pixels are measured as 0). Initialised with y, or with its
     normalized-convolution fill (``init="fill"``).
 
     Args:
         p_drop: drop probability, or a [min, max] range from which each sample draws its own
-            (paper 004 trains on 0.2 to 0.9).
+            (Willingham et al. [4] train on 0.2 to 0.9).
         noise_std: standard deviation of the noise (images in [0, 1]).
         channels: expected image channels (None: any).
         init: the methods' initializer, ``"zeros"`` (y) or ``"fill"`` (normalized convolution,
@@ -172,7 +172,7 @@ class Inpaint(Task):
 
 
 class SuperResolution(Task):
-    """Super-resolution (paper 004 §III): anti-aliased decimation by ``factor`` (bicubic or
+    """Super-resolution (Willingham et al. [4] §III): anti-aliased decimation by ``factor`` (bicubic or
     Gaussian filter, circular boundaries, :class:`Downsampling`) + white Gaussian noise on the
     low-resolution image; initialised by bilinear upsampling of y. Images must be a multiple of
     ``factor`` in size.
@@ -181,7 +181,7 @@ class SuperResolution(Task):
         factor: integer decimation factor (2, 3, 4).
         filter: 'bicubic' (MATLAB imresize) or 'gaussian'.
         noise_std: standard deviation of the noise (images in [0, 1]).
-        init_mode: 'bilinear' (paper 004) or 'bicubic' upsampling of y as the initial guess.
+        init_mode: 'bilinear' (Willingham et al. [4]) or 'bicubic' upsampling of y as the initial guess.
         channels: expected image channels (None: any).
     """
 
@@ -218,20 +218,20 @@ class SuperResolution(Task):
 
 
 class SingleCoilMRI(Task):
-    """Single-coil accelerated MRI (paper 002 §4): orthonormal 2D FFT keeping random k-space
+    """Single-coil accelerated MRI (Guan et al. [3] §4): orthonormal 2D FFT keeping random k-space
     columns with a fully sampled centre band (:class:`MRI`); y is the masked k-space as real
     (B, 2C, H, W) channels [real, imag]. The noise is white Gaussian of std ``noise_std`` on the
     real and on the imaginary part of every sampled coefficient (the FFT is orthonormal, so it is
     the image-domain noise level of a fully sampled scan). Initialised with the zero-filled A^T y.
 
     Args:
-        acceleration: sampled fraction of the columns is 1 / acceleration (4 or 8 in paper 002).
+        acceleration: sampled fraction of the columns is 1 / acceleration (4 or 8 in Guan et al. [3]).
         center_fraction: width of the always-sampled centre band; None: 0.08 (4x), 0.04 (8x).
         per_sample_masks: True: a fresh mask per sample; False: one mask for the whole dataset,
             drawn once from ``mask_seed`` (the same in training, validation and test).
         mask_seed: seed of the dataset-wide mask (``per_sample_masks=False``).
         noise_std: standard deviation of the noise per real/imaginary part (images in [0, 1]).
-        channels: expected image channels (1: magnitude images, as in paper 002).
+        channels: expected image channels (1: magnitude images, as in Guan et al. [3]).
     """
 
     name = "mri"
@@ -267,8 +267,8 @@ class SingleCoilMRI(Task):
 
 
 class ParallelBeamCT(Task):
-    """Parallel-beam CT (paper 002 §4): the Radon transform at ``n_angles`` angles uniformly
-    spaced over 180 degrees (:class:`CT`; default: paper 002's 200 angles for a 362-pixel side,
+    """Parallel-beam CT (Guan et al. [3] §4): the Radon transform at ``n_angles`` angles uniformly
+    spaced over 180 degrees (:class:`CT`; default: Guan et al.'s [3] 200 angles for a 362-pixel side,
     scaled to the image size) + white Gaussian noise on the sinogram.
 
     Noise scale: a sinogram bin sums the image along a ray with unit steps, so y grows with the
@@ -280,7 +280,7 @@ class ParallelBeamCT(Task):
         n_angles: number of angles over [0, pi); None: :func:`~jfb_ip.physics.ct.default_n_angles`.
         detector_size: detector bins; None: the image diagonal (every pixel seen at every angle).
         init_mode: 'fbp' (filtered back-projection, default: an image on the right scale) or
-            'adjoint' (A^T y, paper 002's choice).
+            'adjoint' (A^T y, Guan et al.'s [3] choice).
         noise_std: noise std relative to the sinogram scale (see above).
         channels: expected image channels (1: grayscale slices).
     """

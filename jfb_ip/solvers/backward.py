@@ -44,7 +44,7 @@ def _solve_no_grad(f, z0, solve):
 
 @register_backward("jfb")
 def jfb(f, z0, solve) -> tuple[Tensor, SolverStats]:
-    """Jacobian-free backprop, Alg. 4.1 of paper 000: solve without a graph, then output
+    """Jacobian-free backprop, Alg. 4.1 of Liu et al. [1]: solve without a graph, then output
     T(z*) once with the graph, so the gradient is p = dl/dz* . dT(z*)/dTheta (eq. 4.1)."""
     z_star, stats = _solve_no_grad(f, z0, solve)
     return f(z_star), stats
@@ -57,12 +57,12 @@ def _vjp_fn(fz: Tensor, z: Tensor):
 @register_backward("implicit")
 def implicit(f, z0, solve, *, backward_tol: float, backward_max_iter: int, backward_solver: str = "anderson",
              backward_solver_options: dict | None = None) -> tuple[Tensor, SolverStats]:
-    """Exact gradient by the implicit function theorem (eq. 3.9-3.10 of paper 000).
+    """Exact gradient by the implicit function theorem (eq. 3.9-3.10 of Liu et al. [1]).
 
     The incoming gradient g is replaced by u solving u = g + J^T u, J = df/dz at z*,
     inside a tensor hook, so autograd then carries u^T df/dTheta to the parameters.
     ``backward_solver`` is a forward-solver name (the linear fixed point is solved like any
-    other) or 'cg' for conjugate gradient on the normal equations (paper 000 §5.3).
+    other) or 'cg' for conjugate gradient on the normal equations (Liu et al. [1] §5.3).
     ``backward_solver_options`` (e.g. Anderson's m, lam) default to the forward solver's
     when both use the same solver; ``backward_tol``/``backward_max_iter`` have no default here:
     :func:`equilibrium` passes the forward solver's unless they are set. The hook fires once: a
@@ -122,7 +122,7 @@ def _cg_normal(vjp, fz, z_star, g, tol, max_iter):
 
 @register_backward("neumann")
 def neumann(f, z0, solve, neumann_k: int = 5) -> tuple[Tensor, SolverStats]:
-    """Truncated Neumann series (eq. 4.2 of paper 000): u = sum_{i=0}^{j} (J^T)^i g, j <= k.
+    """Truncated Neumann series (eq. 4.2 of Liu et al. [1]): u = sum_{i=0}^{j} (J^T)^i g, j <= k.
     k = 0 is JFB; k -> infinity is the implicit gradient where the series converges.
 
     Each sample's sum stops at its smallest term (optimal truncation): where ||J|| < 1 the terms shrink, so

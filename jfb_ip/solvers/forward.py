@@ -98,7 +98,7 @@ def fixed_point(f: Callable[[Tensor], Tensor], z0: Tensor, tol: float = 1e-3, ma
 def anderson(f: Callable[[Tensor], Tensor], z0: Tensor, tol: float = 1e-3, max_iter: int = 50, m: int = 5,
              lam: float = 1e-4, beta: float = 1.0, bound: float = 1e10,
              scale_lam: bool = True) -> tuple[Tensor, SolverStats]:
-    """Anderson acceleration, Alg. 3.1 of paper 000 (Walker & Ni 2011), batched.
+    """Anderson acceleration, Alg. 3.1 of Liu et al. [1] (Walker & Ni 2011), batched.
 
     With g(x) = f(x) - x and the last m_k = min(m, k) iterates, alpha solves
     min ||G_k alpha||^2 s.t. sum(alpha) = 1 (regularised by ``lam``), and
