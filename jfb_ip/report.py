@@ -11,7 +11,11 @@ from ``metrics.json`` (``train.py`` writes them); a column no run has a value fo
 
 Writes ``report.md`` (the table, the command that made it), ``report.json`` (the rows), ``psnr_by_method.png`` and
 ``cost_vs_accuracy.png`` (test PSNR against step time and against peak memory: the price of each backward mode) into
-``--out`` (default: ``<first path>/report``) and prints the table.
+``--out`` (default: ``<first path>/report``) and prints the table. Every table comes under a line naming the command
+and the commit (``git rev-parse --short HEAD``) that made it. ``--markdown`` prints only that; ``--write FILE
+--section NAME`` puts it between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->`` in FILE, replacing what was
+there (how the tables of README.md and docs/ are regenerated); with either, the files above are written only where
+``--out`` is given.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -230,20 +235,50 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
-def report(paths: list[Path], out: Path | None = None, command: str | None = None) -> dict[str, Any]:
-    """Read the runs under ``paths``, write report.md / report.json / the PNGs into ``out``; returns the rows."""
+def git_commit(where: Path | None = None) -> str:
+    """``git rev-parse --short HEAD`` of the checkout at ``where`` (default: this package's), ``unknown`` outside one."""
+    try:
+        res = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where or Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "unknown"
+
+
+def write_section(file: Path, name: str, text: str) -> None:
+    """Replace what lies between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->`` in ``file`` by ``text``.
+
+    Regenerating a table then replaces it instead of adding one beside the old; a file without exactly one such
+    pair is an error, so a mistyped name never appends a second table."""
+    begin, end = f"<!-- report:{name} -->", f"<!-- /report:{name} -->"
+    doc = file.read_text()
+    i, j = doc.find(begin), doc.find(end)
+    if doc.count(begin) != 1 or doc.count(end) != 1 or j < i:
+        raise ValueError(f"{file} needs exactly one '{begin}' line followed by one '{end}' line (add the pair where "
+                         f"the table goes)")
+    file.write_text(doc[:i + len(begin)] + "\n" + text.strip("\n") + "\n" + doc[j:])
+
+
+def report(paths: list[Path], out: Path | None = None, command: str | None = None,
+           files: bool = True) -> dict[str, Any]:
+    """Read the runs under ``paths``; unless ``files`` is false, write report.md / report.json / the PNGs into
+    ``out``. Returns the rows, the failed runs and ``block``: the table under a line naming the command and commit."""
     run_dirs = find_runs(paths)
     if not run_dirs:
         raise FileNotFoundError(f"no finished runs (metrics.json beside .hydra/) under {', '.join(map(str, paths))}")
     rows, failed = build_rows([load_run(d) for d in run_dirs])
-    out = out or (paths[0] / "report")
-    out.mkdir(parents=True, exist_ok=True)
     table = markdown(rows, failed)
     command = command or "python -m jfb_ip.report " + " ".join(map(str, paths))
-    (out / "report.md").write_text(f"Made by `{command}` from {len(run_dirs)} run(s).\n\n{table}\n")
-    (out / "report.json").write_text(json.dumps({"rows": rows, "failed": failed}, indent=2, default=str))
-    pngs = plot(rows, out) if any(r["psnr"] is not None for r in rows) else []
-    return {"rows": rows, "failed": failed, "markdown": table, "files": [out / "report.md", out / "report.json", *pngs]}
+    block = f"Made by `{command}` at commit {git_commit()} from {len(run_dirs)} run(s).\n\n{table}\n"
+    res = {"rows": rows, "failed": failed, "markdown": table, "block": block, "files": []}
+    if files:
+        out = out or (paths[0] / "report")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(block)
+        (out / "report.json").write_text(json.dumps({"rows": rows, "failed": failed}, indent=2, default=str))
+        pngs = plot(rows, out) if any(r["psnr"] is not None for r in rows) else []
+        res["files"] = [out / "report.md", out / "report.json", *pngs]
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,14 +286,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("paths", nargs="+", type=Path, help="a sweep directory (outputs/train/multiruns/<time>) or run dirs")
     ap.add_argument("--out", type=Path, default=None, help="where to write report.md and the PNGs "
                                                            "(default: <first path>/report)")
+    ap.add_argument("--markdown", action="store_true", help="print only the table, under a line naming this command "
+                                                            "and the commit (files only with --out)")
+    ap.add_argument("--write", type=Path, metavar="FILE", help="replace the block between <!-- report:NAME --> and "
+                                                               "<!-- /report:NAME --> in FILE by that table "
+                                                               "(files only with --out)")
+    ap.add_argument("--section", metavar="NAME", help="the block's NAME (with --write)")
     args = ap.parse_args(argv)
+    if (args.write is None) != (args.section is None):
+        ap.error("--write FILE and --section NAME go together")
+    command = "python -m jfb_ip.report " + " ".join(sys.argv[1:] if argv is None else argv)
+    quiet = args.markdown or args.write is not None
     try:
-        res = report(args.paths, args.out, "python -m jfb_ip.report " + " ".join(sys.argv[1:] if argv is None
-                                                                                 else argv))
-    except FileNotFoundError as e:
+        res = report(args.paths, args.out, command, files=not quiet or args.out is not None)
+        if args.write is not None:
+            write_section(args.write, args.section, res["block"])
+    except (FileNotFoundError, ValueError) as e:
         ap.error(str(e))
+    if args.markdown:
+        print(res["block"], end="")
+        return 0
     print(res["markdown"])
-    print("\nwrote " + ", ".join(str(p) for p in res["files"]))
+    if res["files"]:
+        print("\nwrote " + ", ".join(str(p) for p in res["files"]))
+    if args.write is not None:
+        print(f"\nwrote section {args.section!r} of {args.write}")
     return 0
 
 
