@@ -3,7 +3,8 @@ import hydra
 from omegaconf import DictConfig
 
 from . import config_dir
-from .lit.run import evaluate, main_guard
+from .lit.errors import main_guard
+from .lit.run import evaluate
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="evaluate")

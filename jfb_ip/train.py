@@ -3,7 +3,8 @@ import hydra
 from omegaconf import DictConfig
 
 from . import config_dir
-from .lit.run import main_guard, train_objective
+from .lit.errors import main_guard
+from .lit.run import train_objective
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")

@@ -128,7 +128,7 @@ def denoiser_ckpt(tmp_path_factory) -> Path:
 
 def write_denoiser_ckpt(path: Path, channels: int = 3) -> Path:
     """A checkpoint in the layout train.py writes for method=denoiser (run config + ``method.net.*`` weights) with a
-    tiny randomly initialised NoiseConditionedUNet: a prior method=pnp_admm loads (method.denoiser=<it>)."""
+    tiny randomly initialised NoiseConditionedUNet: a prior method=pnp_admm loads (method.denoiser.path=<it>)."""
     from jfb_ip.nets import NoiseConditionedUNet
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The backward-mode benchmark (Fig. 2 of paper 000) on a tiny configuration."""
+"""The backward-mode benchmark (Fig. 2 of Liu et al. [1]) on a tiny configuration."""
 from __future__ import annotations
 
 import json
@@ -45,7 +45,7 @@ def test_every_mode_has_a_row_per_side(bench):
         impl = rows["implicit", s]
         assert impl["bwd_tol"] == impl["fwd_tol"] and 1 <= impl["bwd_iters"] <= 10
         assert impl["bwd_residual"] <= impl["bwd_tol"]  # the backward solve reached its tolerance
-        # JFB is a descent direction (paper 000 Thm 4.1) but not the implicit gradient
+        # JFB is a descent direction (Liu et al. [1] Thm 4.1) but not the implicit gradient
         assert 0 < jfb["grad_cos_to_implicit"] < 1 - 1e-6
 
 

@@ -13,7 +13,7 @@ PAPER_MAP = ["method.data_step=gradient", "method.inject=none", "method.initiali
 
 def test_convergence_bench_reports_capped_solves_as_not_converged(tmp_path):
     out = tmp_path / "c.json"
-    # paper 000's map: the default anchored map is constant in x at initialisation (gate 0) and is solved exactly
+    # Liu et al.'s [1] map: the default anchored map is constant in x at initialisation (gate 0) and is solved exactly
     capped = convergence.main(["--methods", "degrad", "--images", "2", "--image-size", "32", "--json", str(out),
                                "--png", str(tmp_path / "c.png"), "solver.max_iter=2", "solver.tol=1e-9",
                                *PAPER_MAP])
@@ -31,7 +31,7 @@ def test_convergence_bench_at_the_default_settings():
         row = e["row"]
         # converged means the last residual met the tolerance: checked against the trace's own last value
         assert (row["converged_fraction"] == 1.0) == (e["trace"][-1] <= e["tol"])
-        # the default configs converge at initialisation (issue 14): this fails the day they stop
+        # the default configs converge at initialisation: this fails the day they stop
         assert row["converged_fraction"] == 1.0, (name, row)
         assert len(e["trace"]) == row["fwd_iters_max"]
         # a contraction at the fixed point (power iteration can only underestimate, so a bound > 1 would show);

@@ -1,4 +1,4 @@
-"""The training-memory benchmark (Table 3 of paper 002) on a tiny configuration."""
+"""The training-memory benchmark (Table 3 of Guan et al. [3]) on a tiny configuration."""
 from __future__ import annotations
 
 import json

@@ -63,7 +63,7 @@ def test_evaluate_refuses_a_corrupt_checkpoint_in_one_line(tmp_path):
 
 
 def test_metrics_json_stays_valid_with_non_finite_numbers(tmp_path):
-    from jfb_ip.lit.run import write_metrics
+    from jfb_ip.lit.outputs import write_metrics
 
     path = write_metrics(tmp_path, {"test": {"model": {"psnr": float("nan"), "ssim": float("inf")}, "n": 3}})
     data = json.loads(path.read_text())  # strict JSON: NaN would not parse in other tools

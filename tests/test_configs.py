@@ -152,7 +152,7 @@ def method_overrides(base: list[str], option: str, request) -> list[str]:
     drop = ("method.", "solver.", "task.") if option in PICKS_TASK else ("method.", "solver.")
     out = [o for o in base if not o.startswith(drop)] + SHRINK[option]
     if option == "pnp_admm":
-        out.append(f"method.denoiser={request.getfixturevalue('denoiser_ckpt')}")
+        out.append(f"method.denoiser.path={request.getfixturevalue('denoiser_ckpt')}")
     return out
 
 

@@ -262,7 +262,7 @@ def test_custom_dataset_yielding_the_wrong_shape_fails_validation():
 
 def test_celeba_reports_every_missing_file(tmp_path):
     part, imgs = make_celeba(tmp_path, [0, 0, 0, 0, 0, 1, 2], n_files=7)
-    imgs[3].unlink(), imgs[4].unlink()  # beyond the first 3, which the old check looked at
+    imgs[3].unlink(), imgs[4].unlink()  # beyond the first 3, so a check of only those would miss them
     with pytest.raises(DatasetNotFoundError, match=r"2 of the 5 train images .* missing .*img_003\.jpg, img_004\.jpg"):
         CelebA("train", 16, root=tmp_path)
     assert len(CelebA("val", 16, root=tmp_path)) == 1  # the other splits are complete

@@ -14,8 +14,10 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, TINY, compose_cfg, for_task
-from jfb_ip.lit.module import psnr_score
-from jfb_ip.lit.run import ConfigError, build_module, check_launch, evaluate, instantiate_group
+from jfb_ip.lit.calibration import psnr_score
+from jfb_ip.lit.checks import check_launch, instantiate_group
+from jfb_ip.lit.errors import ConfigError
+from jfb_ip.lit.run import build_module, evaluate
 from jfb_ip.methods import Wiener
 
 # 5 val and 5 test crops of 20 px: shards of 3 and 2 images, 2 and 1 batches per process (uneven on purpose);
@@ -86,7 +88,7 @@ def test_ddp_wiener_lambda_is_searched_on_every_shard(ddp_run, tmp_path):
     meas = module.seeded_measurement(x, torch.arange(len(val)), "val")
 
     def best(rows: list[int]) -> float:
-        w = Wiener(prior=cfg.module.wiener_prior)
+        w = Wiener(prior=cfg.references.wiener.prior)
         w.calibrate_update(meas.subset(torch.tensor([i in rows for i in range(len(val))])), x[rows], psnr_score)
         w.calibrate_end()
         return float(w.lam)
@@ -177,14 +179,14 @@ def _diverged_batch_worker(rank: int, init_file: str, out_dir: str, extra: list[
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("extra", [[], ["experiment=de_grad_jfb"]], ids=["default", "paper000_map"])
+@pytest.mark.parametrize("extra", [[], ["experiment=de_grad_jfb"]], ids=["default", "liu_map"])
 @pytest.mark.integration
 def test_a_batch_that_diverges_on_one_process_keeps_ddp_in_step(tmp_path, extra):
     """Real processes (gloo): a process whose samples all diverge contributes a zero gradient, so the other's
     all-reduce completes and both hold half of its gradient; the step is skipped only when all processes diverged,
     and the skipped-sample count is the same on every process. The default (anchored at a Wiener estimate whose
     lambda both processes tune together on this batch, gate 0: only its two scalars have a gradient) checks that
-    the NaN process neither shifts the lambda nor aliases its scalars' zero gradients; paper 000's map, the net's."""
+    the NaN process neither shifts the lambda nor aliases its scalars' zero gradients; the map of Liu et al. [1], the net's."""
     torch.multiprocessing.spawn(_diverged_batch_worker, args=(str(tmp_path / "init"), str(tmp_path), extra), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for name, g0, g1, alone in zip(r0["names"], r0["grads"], r1["grads"], r1["alone"]):

@@ -1,4 +1,4 @@
-"""The noise-conditioned UNet (paper 004 §III-B), method=denoiser and loading it as a prior."""
+"""The noise-conditioned UNet (Willingham et al. [4] §III-B), method=denoiser and loading it as a prior."""
 from __future__ import annotations
 
 import math
@@ -146,17 +146,17 @@ def test_refuses_solver_options(tmp_path):
 
 
 def test_trained_checkpoint_loads_as_a_prior(tmp_path):
-    """train.py method=denoiser writes last.ckpt; load_denoiser rebuilds exactly its net(x, sigma)."""
+    """train.py method=denoiser writes last.ckpt; load_network rebuilds exactly its net(x, sigma)."""
     from conftest import compose_cfg
-    from jfb_ip.lit.run import build_module, load_checkpoint, train
-    from jfb_ip.methods import load_denoiser
+    from jfb_ip.checkpoint import load_checkpoint, load_network
+    from jfb_ip.lit.run import build_module, train
     from omegaconf import OmegaConf
 
     cfg = compose_cfg("train", _tiny_denoiser_overrides() + ["trainer.max_steps=2"], tmp_path)
     train(cfg)
     path = tmp_path / "checkpoints" / "last.ckpt"
-    net = load_denoiser(path)
-    ckpt = load_checkpoint(path)  # the module as evaluate.py rebuilds it, independently of load_denoiser
+    net = load_network(path, noise_conditioned=True)
+    ckpt = load_checkpoint(path)  # the module as evaluate.py rebuilds it, independently of load_network
     module = build_module(OmegaConf.create(ckpt["hyper_parameters"]["run_config"]))
     module.load_state_dict(ckpt["state_dict"])
     x = torch.rand(2, 3, 16, 16)

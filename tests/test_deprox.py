@@ -1,4 +1,5 @@
-"""DE-Prox (paper 001 §3.3 ii) and its averaged form: the fixed point against a dense solve, the contraction bound."""
+"""DE-Prox (Liu et al. [2] §3.3 ii) and its averaged form: the fixed point against a dense solve, the contraction
+bound."""
 from __future__ import annotations
 
 import pytest

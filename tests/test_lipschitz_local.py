@@ -59,7 +59,7 @@ def test_operator_mode_normalises_the_convolution_itself_and_kernel_mode_does_no
 
 
 def test_operator_mode_bounds_the_network_and_makes_degrad_a_contraction():
-    """Lip(N) <= gamma^depth and Lip(T) <= 1 - eta lam (1 - eps) (Theorem 3.1 of paper 000), checked
+    """Lip(N) <= gamma^depth and Lip(T) <= 1 - eta lam (1 - eps) (Theorem 3.1 of Liu et al. [1]), checked
     with worst-case directions from power iteration at real inputs, after some training-mode steps."""
     from jfb_ip.methods import DEGRAD
     from jfb_ip.methods.base import fixed_weights

@@ -1,4 +1,4 @@
-"""The solver families: parameter counts of paper 002 Table 3, every method on every task."""
+"""The solver families: parameter counts of Table 3 of Guan et al. [3], every method on every task."""
 from __future__ import annotations
 
 import math
@@ -16,7 +16,7 @@ from jfb_ip.nets import count_parameters
 METHODS = sorted(p.stem for p in (Path(CONF) / "method").glob("*.yaml"))
 TASKS = sorted(p.stem for p in (Path(CONF) / "task").glob("*.yaml"))
 
-# Table 3 of paper 002 (K = 8, one learnable step size) for 1 (CT) and 2 (MRI) channels,
+# Table 3 of Guan et al. [3] (K = 8, one learnable step size) for 1 (CT) and 2 (MRI) channels,
 # and LUSER-DW for 3 channels. The table's other 3-channel entries (LU-DnCNN 558,580,
 # LUSER-SW 96,503) are 243 = 3 x 9 x 9 above what Table 1 gives: we get 558,337 and 96,260.
 TABLE3 = {("lu_dncnn", 1): 556_033, ("lu_dncnn", 2): 557_185, ("luser_sw", 1): 93_954, ("luser_sw", 2): 95_107,
@@ -25,7 +25,7 @@ TABLE3 = {("lu_dncnn", 1): 556_033, ("lu_dncnn", 2): 557_185, ("luser_sw", 1): 9
 
 
 @pytest.mark.parametrize("method,channels", sorted(TABLE3))
-def test_parameter_counts_match_paper_002(method, channels, tmp_path):
+def test_parameter_counts_match_guan_table_3(method, channels, tmp_path):
     cfg = compose_cfg("train", [f"method={method}", f"data.channels={channels}"], tmp_path)
     assert count_parameters(hydra.utils.instantiate(cfg.method, _convert_="all")) == TABLE3[(method, channels)]
 
@@ -59,9 +59,9 @@ def test_every_method_on_every_task_multirun(full, tmp_path):
     gray = [t for t in TASKS if picks_phantoms(t)]
     pnp = ["++method.n_iter=2", "++method.lambda_grid=[0.23]"]
     runs = [(ms, extra, TASKS) for ms, extra in families] + \
-        [(["pnp_admm"], pnp + [f"method.denoiser={write_denoiser_ckpt(tmp_path / 'rgb.ckpt', 3)}"],
+        [(["pnp_admm"], pnp + [f"method.denoiser.path={write_denoiser_ckpt(tmp_path / 'rgb.ckpt', 3)}"],
           [t for t in TASKS if t not in gray]),
-         (["pnp_admm"], pnp + [f"method.denoiser={write_denoiser_ckpt(tmp_path / 'gray.ckpt', 1)}"], gray)]
+         (["pnp_admm"], pnp + [f"method.denoiser.path={write_denoiser_ckpt(tmp_path / 'gray.ckpt', 1)}"], gray)]
     assert sorted({m for ms, _, _ in runs for m in ms}) == METHODS  # a new method must join this test
     if not full:
         slot = iter(range(10 ** 6))
@@ -114,7 +114,7 @@ def test_luser_inner_solves_report_backward_stats(tmp_path):
 
 
 def test_luser_block_step_is_eq_7_computed_from_its_weights():
-    """Paper 002 eq. 7: r -> Mix(Data(r) (+) Inj(d)), recomputed here with plain torch ops on the
+    """Guan et al. [3] eq. 7: r -> Mix(Data(r) (+) Inj(d)), recomputed here with plain torch ops on the
     block's (normalised) weights, GroupNorm with the block's eps and a concatenation."""
     import torch
     import torch.nn.functional as F
@@ -146,7 +146,7 @@ def test_luser_block_step_is_eq_7_computed_from_its_weights():
 
 @pytest.mark.parametrize("method", ["luser_dw", "luser_sw"])
 def test_luser_inner_solves_converge_at_initialisation(method, tmp_path):
-    """Issue 14: at least 99% of the inner solves reach tol within max_iter on the default config."""
+    """At least 99% of the inner solves reach tol within max_iter on the default config."""
     import torch
 
     from jfb_ip.data import NaturalImages
@@ -164,7 +164,7 @@ def test_luser_inner_solves_converge_at_initialisation(method, tmp_path):
 
 @pytest.mark.parametrize("backward,updates", [("jfb", 1), ("unroll", 3)])
 def test_batchnorm_inside_a_fixed_point(backward, updates):
-    """Issue 14 §4: the no-grad solve uses BatchNorm's running statistics, so a sample's fixed point does
+    """The no-grad solve uses BatchNorm's running statistics, so a sample's fixed point does
     not depend on the rest of its batch and the running averages move only in the differentiable
     application(s) (JFB: one; unroll: unroll_steps), never once per solver iteration."""
     from jfb_ip.methods import DEGRAD
@@ -240,7 +240,7 @@ def test_luser_operator_norm_mode_bounds_the_inner_map():
 @pytest.mark.parametrize("inject", ["none", "input", "anchor"])
 @pytest.mark.parametrize("task", ["deblur", "inpaint", "sr2", "mri4x"])
 def test_degrad_prox_data_step_reaches_the_gradient_form_equilibrium(task, inject):
-    """data_step=prox: its fixed point solves eq. (3.5) of paper 000, A^T(Ax - d) + lam (x - N(x)) = 0
+    """data_step=prox: its fixed point solves eq. (3.5) of Liu et al. [1], A^T(Ax - d) + lam (x - N(x)) = 0
     (computed here from the operator and the network, not from either T), and is the gradient form's.
     With injection N(x) is net([x, z0]) (``input``) or z0 + tanh(g) net([x, z0]) (``anchor``), z0 the task's init."""
     from jfb_ip.methods import DEGRAD
@@ -331,11 +331,11 @@ def test_degrad_wiener_initializer_is_tuned_once_on_the_first_training_batch():
                    for i in range(3))
 
     best = max(m.wiener.lambda_grid, key=psnr)
-    module._calibrate_method_parts(meas, x)
+    module.calibrate_parts(meas, x)
     assert bool(m.wiener.tuned) and float(m.wiener.lam) == pytest.approx(best)
     assert torch.allclose(m.init(meas), tikhonov(meas, best * L, "gradient"), atol=1e-5)
     other = task.sample(torch.rand(3, 1, 16, 16), seeds=torch.arange(3, 6))
-    module._calibrate_method_parts(other, torch.rand(3, 1, 16, 16))  # later batches leave it alone
+    module.calibrate_parts(other, torch.rand(3, 1, 16, 16))  # later batches leave it alone
     assert float(m.wiener.lam) == pytest.approx(best)
     with pytest.raises(ValueError, match="initializer must be one of"):
         DEGRAD(DnCNN(1, depth=3, width=8), solver={"name": "anderson", "tol": 1e-3, "max_iter": 20},

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from jfb_ip.lit import ReconstructionModule
-from jfb_ip.lit.module import TrainingDiverged
+from jfb_ip.lit.errors import TrainingDiverged
 from jfb_ip.methods import Method, Reconstruction
 from jfb_ip.physics import Deblur
 from jfb_ip.solvers import equilibrium

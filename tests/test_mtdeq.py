@@ -1,5 +1,5 @@
-"""method=mtdeq (paper 004 Alg. 1, eq. (3)): the fixed point against a dense solve, the prior's noise level, the
-implicit gradient against finite differences, every backward mode, the divergence guard, train.py runs."""
+"""method=mtdeq (Willingham et al. [4] Alg. 1, eq. (3)): the fixed point against a dense solve, the prior's noise
+level, the implicit gradient against finite differences, every backward mode, the divergence guard, train.py runs."""
 from __future__ import annotations
 
 import math
@@ -65,14 +65,14 @@ def method(net, solver="fixed_point", mode="jfb", tol=1e-9, max_iter=600, **back
     return MTDEQ(net, {"name": solver, "tol": tol, "max_iter": max_iter}, {"mode": mode, **backward})
 
 
-def test_fixed_point_is_eq_3_of_paper_004_solved_densely():
+def test_fixed_point_is_eq_3_of_willingham_solved_densely():
     x, meas = mixed_batch()
     assert len(meas.parts) >= 3  # several degradations in the batch
     net = ScaledIdentity()
     rec = method(net)(meas)
     assert bool(rec.stats.converged.all())
     assert torch.allclose(rec.x, dense_fixed_point(meas, 0.9, 0.49), atol=1e-7)
-    # the prior gets sigma_denoise = eta * sigma_noise of its own sample (§III-B of paper 004)
+    # the prior gets sigma_denoise = eta * sigma_noise of its own sample (§III-B of Willingham et al. [4])
     assert torch.allclose(net.seen[0], 0.49 * meas.sigma)
 
 

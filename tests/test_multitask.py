@@ -1,4 +1,4 @@
-"""task=multitask (paper 004 Alg. 1, §III-A) and MixedMeasurement: per-sample degradations in one batch,
+"""task=multitask (Willingham et al. [4] Alg. 1, §III-A) and MixedMeasurement: per-sample degradations in one batch,
 reassembled in order, checked against operators rebuilt independently for every sample."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Faults, resume and checkpoints (issue 12): a training process killed with SIGKILL and resumed from its periodic
+"""Faults, resume and checkpoints: a training process killed with SIGKILL and resumed from its periodic
 last.ckpt ends with exactly the weights of an uninterrupted run; checkpoint writes are atomic; an on-exception
 checkpoint never replaces an earlier one; resuming is only ever explicit; the resumed schedule follows the config;
 a batch whose every sample diverged takes no step."""

@@ -15,7 +15,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from conftest import ROOT, TINY, compose_cfg
 from jfb_ip.data import CelebA, DatasetNotFoundError, ImageFolder
-from jfb_ip.lit.run import CheckpointError, ConfigError, check_weight_averaging, evaluate, train
+from jfb_ip.checkpoint import CheckpointError
+from jfb_ip.lit.checks import check_weight_averaging
+from jfb_ip.lit.errors import ConfigError
+from jfb_ip.lit.run import evaluate, train
 from jfb_ip.nets import DnCNN
 
 

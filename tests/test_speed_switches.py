@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import TINY, compose_cfg
-from jfb_ip.lit.run import ConfigError, build_module, evaluate, train
+from jfb_ip.lit.errors import ConfigError
+from jfb_ip.lit.run import build_module, evaluate, train
 from jfb_ip.lit.speed import apply_speed_switches
 from jfb_ip.solvers import equilibrium
 
@@ -128,7 +129,7 @@ def test_progress_bar_shows_loss_psnr_and_iterations(tmp_path):
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
-    from jfb_ip.lit.run import instantiate_group
+    from jfb_ip.lit.checks import instantiate_group
 
     cfg = compose_cfg("train", BASE + ["method.log_lipschitz=false"], tmp_path)
     module, data = build_module(cfg, {}), instantiate_group(cfg, "data")

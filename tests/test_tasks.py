@@ -13,7 +13,8 @@ import torch
 
 from conftest import ROOT, TINY, compose_cfg, for_task
 from jfb_ip.data import Phantoms
-from jfb_ip.lit.run import ConfigError, evaluate, train
+from jfb_ip.lit.errors import ConfigError
+from jfb_ip.lit.run import evaluate, train
 from jfb_ip.methods import Wiener, tikhonov
 from jfb_ip.physics import Deblur, Inpaint, Measurement, ParallelBeamCT, SingleCoilMRI, SuperResolution
 from jfb_ip.physics.ct import default_n_angles
@@ -122,7 +123,7 @@ def test_ct_task_operator_follows_the_image_size():
     b = task.sample(torch.rand(2, 1, 24, 24), seeds=torch.arange(2))
     assert a.y.shape == (2, 1, 12, 29) and b.y.shape == (2, 1, 12, 34)
     assert task.operator(torch.rand(1, 1, 20, 20)) is a.physics  # one operator per size: norm() cached
-    # FBP init is the image scale; the adjoint (paper 002) is not
+    # FBP init is the image scale; the adjoint (Guan et al. [3]) is not
     x = torch.rand(2, 1, 24, 24)
     fbp = ParallelBeamCT(init_mode="fbp", noise_std=0).sample(x).init()
     adj = ParallelBeamCT(init_mode="adjoint", noise_std=0).sample(x).init()
@@ -215,7 +216,7 @@ def test_every_task_multirun_degrad_and_lu_dncnn(tmp_path):
 
 @pytest.mark.integration
 def test_every_other_backward_mode_trains_on_super_resolution(tmp_path):
-    """Issue 10: every backward mode on a task other than deblurring (implicit: on MRI, the next test). Two real
+    """Every backward mode on a task other than deblurring (implicit: on MRI, the next test). Two real
     steps each; inject=none so the network (not only the anchor's gate) gets a gradient, and the modes give
     different models."""
     overrides = [o for o in for_task(TINY, "sr2") if not o.startswith("logger=")] + ["method.inject=none"]

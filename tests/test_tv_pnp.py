@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from jfb_ip.methods import PnPADMM, load_denoiser
+from jfb_ip.checkpoint import load_network
+from jfb_ip.methods import PnPADMM
 from jfb_ip.physics import (CT, Deblur, Downsampling, GaussianBlur, Identity, Inpaint, Inpainting, Measurement, MRI,
                             MultiTask, SuperResolution)
 from test_physics_operators import dense
@@ -143,6 +144,8 @@ def test_pnp_config_errors_are_one_line():
     with pytest.raises(ValueError, match="method.denoiser is not set"):
         PnPADMM(None)
     with pytest.raises(ValueError, match="does not exist"):
+        load_denoiser("/nonexistent/last.ckpt")
+    with pytest.raises(ValueError, match="must be an nn.Module"):
         PnPADMM("/nonexistent/last.ckpt")
     with pytest.raises(ValueError, match="n_iter"):
         PnPADMM(IdentityDenoiser(), n_iter=0)
@@ -161,6 +164,10 @@ def _fake_ckpt(path, net_cfg, state):
     torch.save({"state_dict": state, "hyper_parameters": {"run_config": {"method": {"_target_": "x", "net": net_cfg}}}},
                path)
     return path
+
+
+def load_denoiser(path):
+    return load_network(path, noise_conditioned=True)
 
 
 def test_load_denoiser_refuses_what_it_cannot_rebuild_safely(tmp_path):
@@ -313,7 +320,7 @@ def test_tv_on_a_multitask_batch_equals_per_part_solves():
 def test_a_nan_sample_leaves_the_lambda_search_to_the_others():
     """A sample whose score is NaN at every lambda (a NaN image: a diverged batch, another DDP process's) adds
     nothing: the scores equal those of the clean samples alone, scored separately, so the same lambda wins."""
-    from jfb_ip.lit.module import psnr_score
+    from jfb_ip.lit.calibration import psnr_score
     from jfb_ip.methods import Wiener
 
     task = Deblur(kernel_size=5)
@@ -336,7 +343,7 @@ def test_tv_method_tunes_lambda_on_validation_only_and_refuses_options():
     x = torch.rand(shape)
     meas = task.sample(x, seeds=torch.arange(4))
     method = TV(lambda_grid=[1e-4, 1e-2, 1.0], tol=1e-3)
-    from jfb_ip.lit.module import psnr_score
+    from jfb_ip.lit.calibration import psnr_score
 
     method.calibrate_update(meas, x, psnr_score)
     scores = [psnr_score(tv_solve(meas, lam, tol=1e-3)[0], x).sum().item() for lam in method.lambda_grid]
@@ -360,7 +367,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 from conftest import ROOT, TINY, compose_cfg, write_images  # noqa: E402
-from jfb_ip.lit.run import ConfigError, evaluate, main_guard, train  # noqa: E402
+from jfb_ip.lit.errors import ConfigError, main_guard  # noqa: E402
+from jfb_ip.lit.run import evaluate, train  # noqa: E402
 
 EVAL_SMALL = ["data.image_size=16", "data.eval_batch_size=4", "data.num_workers=0"]
 
@@ -392,7 +400,7 @@ def test_evaluate_tv_without_checkpoint_on_a_folder_cli(png_folder, tmp_path):
 
 def test_evaluate_pnp_admm_without_checkpoint_on_a_folder(png_folder, tmp_path, denoiser_ckpt):
     cfg = compose_cfg("evaluate", ["method=pnp_admm", "task=inpaint", "data=folder", f"data.root={png_folder}",
-                                   *EVAL_SMALL, f"method.denoiser={denoiser_ckpt}", "method.n_iter=3",
+                                   *EVAL_SMALL, f"method.denoiser.path={denoiser_ckpt}", "method.n_iter=3",
                                    "method.lambda_grid=[0.1,1.0]"], tmp_path)
     out = evaluate(cfg)
     assert out["test"]["n_images"] == 3 and math.isfinite(out["test"]["model"]["psnr"])
@@ -437,7 +445,7 @@ def test_evaluate_without_checkpoint_refuses_what_it_cannot_run(tmp_path, png_fo
 
 def test_evaluate_configs_compose_for_every_untrained_method(tmp_path, denoiser_ckpt):
     for method in ("wiener", "tv", "pnp_admm"):
-        extra = [f"method.denoiser={denoiser_ckpt}"] if method == "pnp_admm" else []
+        extra = [f"method.denoiser.path={denoiser_ckpt}"] if method == "pnp_admm" else []
         cfg = compose_cfg("evaluate", [f"method={method}", "task=sr2"] + extra, tmp_path)
         assert cfg.solver.name == "none" and cfg.backward.mode == "none" and cfg.get("data") is None
     with pytest.raises(ConfigError, match="learned"):

@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from .. import config_dir
-from ..lit.run import instantiate_group
+from ..lit.checks import instantiate_group
 
 # the config groups a ReconstructionModule and its data need (the trainer's keys need a running Hydra app)
 MODULE_GROUPS = ("method", "task", "module", "data")

@@ -23,8 +23,11 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ..lit.run import build_module, load_checkpoint, load_weights
-from .common import compose_train, module_groups, pyplot, save_figure, seeded_split_batch, write_outputs
+from ..checkpoint import load_checkpoint, load_weights
+from ..lit.run import build_module
+from .. import config_dir
+from .common import (compose_train, existing_file, int_at_least, module_groups, output_file, pyplot, save_figure,
+                     seeded_split_batch, write_outputs)
 
 FIXED_POINT_METHODS = ("degrad", "deprox", "luser_sw", "luser_dw")
 COLUMNS = ("converged_fraction", "fwd_iters_mean", "fwd_iters_max", "fwd_residual_mean", "fwd_residual_max",
@@ -122,16 +125,25 @@ def plot(payload: dict, path) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="*", default=None, help=f"method configs (default: {' '.join(FIXED_POINT_METHODS)})")
-    p.add_argument("--ckpt", nargs="*", default=[], help="checkpoints to check (their own config and data)")
-    p.add_argument("--images", type=int, default=8)
-    p.add_argument("--image-size", type=int, default=48)
-    p.add_argument("--json", default=None)
-    p.add_argument("--png", default="outputs/bench/convergence.png")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, every value checked (argparse exits with status 2 and one line naming the argument)."""
+    p = argparse.ArgumentParser(prog="python -m jfb_ip.bench.convergence", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="*", default=None, choices=sorted(f.stem for f in (config_dir() / "method").glob("*.yaml")),
+                   metavar="METHOD", help=f"method configs (default: {' '.join(FIXED_POINT_METHODS)}; one without a "
+                                          f"fixed point is skipped)")
+    p.add_argument("--ckpt", nargs="*", type=existing_file, default=[],
+                   help="checkpoints to check (their own config and data)")
+    p.add_argument("--images", type=int_at_least(1), default=8)
+    p.add_argument("--image-size", type=int_at_least(8), default=48)
+    p.add_argument("--json", type=output_file, default=None)
+    p.add_argument("--png", type=output_file, default="outputs/bench/convergence.png", help="'' to skip the plot")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every method config")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     methods = args.methods if args.methods is not None else ([] if args.ckpt else list(FIXED_POINT_METHODS))
     results = measure(methods + list(args.ckpt), args.overrides, args.images, args.image_size)
     print(table(results))

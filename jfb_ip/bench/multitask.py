@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ..lit.module import psnr_score
+from ..lit.calibration import psnr_score
 from ..lit.run import build_module, train
 from .common import compose_train, module_groups, pyplot, save_figure, seeded_split_batch, write_outputs
 
@@ -119,8 +119,9 @@ def _schedule(n_iter: int, sigma_min: float | None) -> list[str]:
 def pnp_schedule(b: dict, task_ov: list[str], ckpt: str, extra: list[str]) -> tuple[list[str], dict]:
     """The PnP-ADMM schedule of ``b['pnp_schedules']`` with the best mean PSNR on the validation crops for the prior
     ``ckpt`` at lam = 0.23 (DPIR's): its overrides and every candidate's score. Test images are never seen."""
-    sub = module_groups(compose_train(["method=pnp_admm", f"method.denoiser={ckpt}", "method.lambda_grid=[]", *task_ov,
-                                       *_data(b["test_size"], b["eval_crops"], b["batch"]), "logger=none", *extra]))
+    sub = module_groups(compose_train(["method=pnp_admm", f"method.denoiser.path={ckpt}", "method.lambda_grid=[]",
+                                       *task_ov, *_data(b["test_size"], b["eval_crops"], b["batch"]), "logger=none",
+                                       *extra]))
     module = build_module(sub)
     x, meas = seeded_split_batch(sub.data, module, "val")  # exactly the module's validation draws
     method, scores = module.method, {}
@@ -146,8 +147,9 @@ def evaluate_rows(b: dict, out: Path, extra: list[str], ckpts: dict, degrad: boo
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
         search = [] if b["lam_search"] else ["method.lambda_grid=[]"]
         methods = {"tv": ["method=tv"],
-                   "pnp_gauss": ["method=pnp_admm", f"method.denoiser={ckpts['denoiser_ckpt']}", *schedule, *search],
-                   "pnp_mtdeq": ["method=pnp_admm", f"method.denoiser={ckpts['mtdeq_ckpt']}", *schedule,
+                   "pnp_gauss": ["method=pnp_admm", f"method.denoiser.path={ckpts['denoiser_ckpt']}", *schedule,
+                                 *search],
+                   "pnp_mtdeq": ["method=pnp_admm", f"method.denoiser.path={ckpts['mtdeq_ckpt']}", *schedule,
                                  "method.lambda_grid=[]"]}
         if b["fb_rows"]:  # each prior inside MTDEQ's own training scheme (forward-backward, eq. (3)), no training
             methods.update(fb_gauss=[*fb, f"method.init_from={ckpts['denoiser_ckpt']}"],

@@ -3,13 +3,15 @@ the run state Lightning does not save itself (global RNG streams), in the forms 
 reads back."""
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import random
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -87,3 +89,38 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["torch.cuda"])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+class RngState(L.Callback):
+    """The global RNG streams in every checkpoint, restored when training resumes from it (``ckpt_path=``):
+    Lightning keeps them only in its own fault-tolerant mode, in types ``weights_only`` loading refuses."""
+
+    @property
+    def state_key(self) -> str:
+        return "RngState"
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_rng_state(state_dict)
+
+
+def schedule_from_config(scheduler_fn: Callable | None, checkpoint: dict) -> None:
+    """Resuming takes the schedule's shape from this run's config, its position from the checkpoint.
+
+    A scheduler's state dict holds its constructor arguments (``T_max``, ``eta_min``, ...), which Lightning would
+    restore over the config's: a run resumed with a larger ``trainer.max_steps`` would keep the first run's
+    ``T_max`` and restart the learning rate. Those arguments of ``checkpoint``'s one scheduler are replaced here by
+    those ``scheduler_fn`` (the run's partial scheduler) builds, before Lightning restores it."""
+    saved = checkpoint.get("lr_schedulers") or []
+    if scheduler_fn is None or len(saved) != 1:
+        return
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    fresh = scheduler_fn(optimizer=probe)
+    args = set(inspect.signature(type(fresh).__init__).parameters) - {"self", "optimizer", "last_epoch", "verbose"}
+    changed = {k: (saved[0][k], v) for k, v in fresh.state_dict().items()
+               if k in args and k in saved[0] and saved[0][k] != v}
+    for k, (old, new) in changed.items():
+        saved[0][k] = new
+        log.warning("resuming with scheduler %s=%s from this run's config (the checkpoint's run had %s)", k, new, old)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..methods.base import Equilibrium
+from .errors import ConfigError
 from .module import ReconstructionModule
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,6 @@ def compile_iteration_map(method: nn.Module) -> list[str]:
 
     A compiled graph has no double backward: implicit differentiation solved by ``cg`` (the double-vjp trick) is
     refused; the Lipschitz estimates, which use it too, run eagerly (ReconstructionModule.validation_step)."""
-    from .run import ConfigError
-
     solve = getattr(method, "solve", None)
     if isinstance(solve, Equilibrium) and solve.mode == "implicit" and \
             solve.backward_options.get("backward_solver") == "cg":

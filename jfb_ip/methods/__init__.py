@@ -6,10 +6,10 @@ from .degrad import DEGRAD
 from .denoiser import Denoiser
 from .deprox import DEProx
 from .mtdeq import MTDEQ
-from .pnp import PnPADMM, load_denoiser
+from .pnp import PnPADMM
 from .tv import TV, tv_solve
 from .unrolled import LUDnCNN, LUSER, UnrolledMethod
 
 __all__ = ["Method", "Reconstruction", "FixedPointMethod", "Equilibrium", "DEGRAD", "DEProx", "LUDnCNN", "LUSER",
-           "UnrolledMethod", "Wiener", "tikhonov", "CalibratedMethod", "Denoiser", "PnPADMM", "load_denoiser", "TV",
+           "UnrolledMethod", "Wiener", "tikhonov", "CalibratedMethod", "Denoiser", "PnPADMM", "TV",
            "tv_solve", "MTDEQ"]

@@ -18,7 +18,7 @@ class Denoiser(Method):
     of a Gaussian denoiser (ref. [5] of Willingham et al. [4]). On another task it is a learned post-processing of
     the task's initial guess, conditioned on the measurement noise (no physics inside).
 
-    Contract for priors (:func:`jfb_ip.methods.pnp.load_denoiser`): the network is the ``net``
+    Contract for priors (:func:`jfb_ip.checkpoint.load_network`): the network is the ``net``
     attribute and is called as ``net(x, sigma)`` with sigma (B,).
 
     Args:

@@ -10,17 +10,17 @@ from torch import Tensor, nn
 from ..physics import Measurement
 from ..linalg import per_sample
 from .base import FixedPointMethod, Reconstruction
-from .pnp import load_denoiser
+from ..checkpoint import load_network
 
 
 def load_net_weights(net: nn.Module, path: str | Path) -> None:
     """Copy the ``method.net`` of a train.py checkpoint (``method=denoiser``, or ``mtdeq``) into ``net``, in place
-    (the optimizer keeps the same parameters). Read and checked by :func:`~jfb_ip.methods.pnp.load_denoiser`; a
+    (the optimizer keeps the same parameters). Read and checked by :func:`jfb_ip.checkpoint.load_network`; a
     network of another architecture is one ValueError naming the fix."""
     try:
-        source = load_denoiser(path)
+        source = load_network(path, noise_conditioned=True)
     except ValueError as e:
-        raise ValueError(str(e).replace("method.denoiser=", "method.init_from=")) from None
+        raise ValueError(f"method.init_from={path}: {e}") from None
     try:
         net.load_state_dict(source.state_dict())
     except RuntimeError as e:

@@ -1,78 +1,18 @@
-"""Plug-and-play ADMM with a noise-conditioned denoiser as the prior's prox (Willingham et al. [4] §III-C), and
-loading such a denoiser from a train.py checkpoint."""
+"""Plug-and-play ADMM with a noise-conditioned denoiser as the prior's prox (Willingham et al. [4] §III-C)."""
 from __future__ import annotations
 
-import inspect
 import math
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .. import nets
-from ..checkpoint import StateMismatch, UnreadableCheckpoint, load_state, read_weights_only
-from ..physics import Measurement
 from ..linalg import per_sample
+from ..physics import Measurement
 from .base import Reconstruction, refuse_fixed_point_options
 from .calibrated import CalibratedMethod
 
-NET_KEY = "method.net."
 TRAIN_HINT = "train one with `python train.py method=denoiser task=denoise`"
-
-
-def load_denoiser(path: str | Path) -> nn.Module:
-    """The noise-conditioned network ``net(x, sigma) -> x`` of a train.py checkpoint, in eval mode.
-
-    The contract: any checkpoint written by train.py whose method has a ``net`` attribute called as
-    ``net(x, sigma)`` (sigma: (B,) noise std) is accepted: ``method=denoiser``, and ``method=mtdeq`` with a
-    noise-conditioned net. The file is read with ``torch.load(weights_only=True)`` (it can never run code);
-    the net is rebuilt from the checkpoint's run config ``method.net`` (its ``_target_`` must be a class of
-    :mod:`jfb_ip.nets`, so a checkpoint cannot name arbitrary code either; the other keys are its arguments)
-    and gets the state-dict entries prefixed ``method.net.``. Every way this can fail is one ValueError
-    naming the fix.
-    """
-    path = Path(path).expanduser()
-    hint = f"give the last.ckpt of a train.py run of method=denoiser ({TRAIN_HINT})"
-    if not path.is_file():
-        raise ValueError(f"method.denoiser={path} does not exist; {hint}")
-    try:
-        ckpt = read_weights_only(path)
-    except UnreadableCheckpoint as e:
-        raise ValueError(f"method.denoiser={path} is not a readable train.py checkpoint ({e}); {hint}") from None
-    run_config = ((ckpt.get("hyper_parameters") or {}).get("run_config") or {}) if isinstance(ckpt, dict) else {}
-    net_cfg = (run_config.get("method") or {}).get("net")
-    state = ckpt.get("state_dict", {}) if isinstance(ckpt, dict) else {}
-    weights = {k[len(NET_KEY):]: v for k, v in state.items() if k.startswith(NET_KEY)}
-    if not isinstance(net_cfg, Mapping) or not weights:
-        raise ValueError(f"method.denoiser={path} holds no network under method.net (its method is "
-                         f"{(run_config.get('method') or {}).get('_target_', 'unknown')}); {hint}")
-    net = _build_net(dict(net_cfg), path)
-    try:
-        load_state(net, weights)
-    except StateMismatch as e:
-        raise ValueError(f"method.denoiser={path}: its weights do not fit the network its config names "
-                         f"({e}); was the checkpoint edited or written by another version?") from None
-    return net.eval()
-
-
-def _build_net(cfg: dict, path: Path) -> nn.Module:
-    target = str(cfg.pop("_target_", ""))
-    name = target.rpartition(".")[2]
-    if not target.startswith("jfb_ip.nets.") or name not in nets.__all__ or not inspect.isclass(getattr(nets, name)):
-        raise ValueError(f"method.denoiser={path}: its net is {target or 'unnamed'}, not a network of jfb_ip.nets")
-    if any(isinstance(v, Mapping) for v in cfg.values()) or any(k.startswith("_") for k in cfg):
-        raise ValueError(f"method.denoiser={path}: its net config holds nested objects or Hydra keys "
-                         f"({sorted(cfg)}); only plain arguments can be rebuilt")
-    cls = getattr(nets, name)
-    params = list(inspect.signature(cls.forward).parameters)
-    if len(params) < 3:  # self, x, sigma
-        raise ValueError(f"method.denoiser={path}: its net {name} takes no noise level (forward{tuple(params[1:])}); "
-                         f"PnP needs a noise-conditioned net(x, sigma): {TRAIN_HINT}")
-    try:
-        return cls(**cfg)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"method.denoiser={path}: its net config does not build {name} ({e})") from None
 
 
 def default_pnp_lambda_grid() -> list[float]:
@@ -109,8 +49,8 @@ class PnPADMM(CalibratedMethod):
     an empty grid keeps it, which is how two priors are compared under identical hyper-parameters.
 
     Args:
-        denoiser: a train.py checkpoint path (:func:`load_denoiser`) or a module ``D(x, sigma)``; frozen
-            (no gradients, nothing to train).
+        denoiser: a module ``D(x, sigma)`` (a trained one: :func:`jfb_ip.checkpoint.load_network`, which
+            conf/method/pnp_admm.yaml calls with ``method.denoiser.path``); frozen (no gradients, nothing to train).
         n_iter: ADMM iterations (DPIR: 8 for deblurring).
         sigma_max: the first denoiser strength (DPIR: 49/255).
         sigma_min: the last one; None: the measurement's noise std per sample.
@@ -120,7 +60,7 @@ class PnPADMM(CalibratedMethod):
             task (inpainting without noise) still has rho > 0.
     """
 
-    def __init__(self, denoiser: str | nn.Module, n_iter: int = 8, sigma_max: float = 49 / 255,
+    def __init__(self, denoiser: nn.Module, n_iter: int = 8, sigma_max: float = 49 / 255,
                  sigma_min: float | None = None, lam: float = 0.23, lambda_grid: Sequence[float] | None = None,
                  noise_floor: float = 0.255 / 255, solver: Mapping[str, Any] | None = None,
                  backward: Mapping[str, Any] | None = None):
@@ -134,14 +74,12 @@ class PnPADMM(CalibratedMethod):
         if not sigma_max > 0 or (sigma_min is not None and not 0 < sigma_min <= sigma_max):
             raise ValueError(f"PnPADMM: need 0 < sigma_min <= sigma_max, got sigma_min={sigma_min!r}, "
                              f"sigma_max={sigma_max!r}")
-        if denoiser is None or isinstance(denoiser, (str, Path)):
-            if not denoiser:
-                raise ValueError(f"PnPADMM: method.denoiser is not set; {TRAIN_HINT} and pass its "
-                                 f"checkpoint: method.denoiser=<run dir>/checkpoints/last.ckpt")
-            denoiser = load_denoiser(denoiser)
+        if denoiser is None:
+            raise ValueError(f"PnPADMM: method.denoiser is not set; {TRAIN_HINT} and pass its "
+                             f"checkpoint: method.denoiser.path=<run dir>/checkpoints/last.ckpt")
         if not isinstance(denoiser, nn.Module):
-            raise ValueError(f"PnPADMM: denoiser must be a checkpoint path or an nn.Module, got "
-                             f"{type(denoiser).__name__}")
+            raise ValueError(f"PnPADMM: denoiser must be an nn.Module D(x, sigma), got {type(denoiser).__name__} (a "
+                             f"checkpoint is read by jfb_ip.checkpoint.load_network: method.denoiser.path=<ckpt>)")
         self.denoiser = denoiser.requires_grad_(False)
         self.n_iter, self.sigma_max, self.noise_floor = int(n_iter), float(sigma_max), float(noise_floor)
         self.sigma_min = None if sigma_min is None else float(sigma_min)

@@ -1,0 +1,110 @@
+"""The errors a user can fix, and the guard that turns them into one line (or, in a sweep, a failed job that lets the
+others run)."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig
+
+from ..checkpoint import CheckpointError
+from ..data import DatasetError
+from .outputs import write_metrics
+
+__all__ = ["ConfigError", "CheckpointError", "JobFailed", "TrainingDiverged", "main_guard", "user_error"]
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; the message says what to change."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Every sample of many consecutive batches diverged: training cannot go on."""
+
+
+class JobFailed(RuntimeError):
+    """A multirun job stopped by an error a user can fix. It is logged and recorded in the job's ``metrics.json``
+    (``"error"``), then raised as an ordinary exception rather than SystemExit: Hydra's launchers catch it per job, so
+    the sweep's other jobs still run and the sweep exits with status 1 at the end."""
+
+
+def innermost(e: BaseException) -> BaseException:
+    """The innermost exception of a chain (Hydra wraps errors raised while instantiating)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
+
+
+def user_error(e: BaseException) -> str | None:
+    """The one-line message of an error a user can fix (None for a bug, which keeps its traceback)."""
+    if isinstance(e, (ConfigError, CheckpointError, DatasetError, TrainingDiverged)):
+        return str(e)
+    if isinstance(e, InstantiationException):
+        cause = innermost(e)
+        return str(cause) if cause is not e else str(e).strip().splitlines()[-1]
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return (f"out of memory ({first[:200]}): lower data.batch_size or data.image_size, or pick a cheaper "
+                f"backward= mode")
+    return None
+
+
+def hydra_mode_and_direction() -> tuple[bool, str]:
+    """(whether this job is part of a multirun, the sweeper's optimisation direction: 'maximize' unless set)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return False, "maximize"
+    direction = hc.sweeper.get("direction", "maximize")  # Optuna's sweeper holds an enum (Direction.maximize)
+    direction = str(getattr(direction, "name", direction)).lower()
+    return hc.mode == RunMode.MULTIRUN, "minimize" if direction.endswith("minimize") else "maximize"
+
+
+def finish_wandb(exit_code: int) -> None:
+    """End this job's wandb run. Lightning's WandbLogger never calls ``wandb.finish()``, and a later
+    WandbLogger in the same process (the next job of a multirun) would log into the still-open run."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)
+
+
+def main_guard(fn, cfg: DictConfig) -> Any:
+    """Run ``fn(cfg)`` as a Hydra job: the errors a user can fix become one clear line instead of a traceback, and
+    the job's wandb run is finished either way.
+
+    In a multirun a failed job writes ``metrics.json`` with ``"error"`` and raises :class:`JobFailed` so the
+    sweep goes on. In a search (``optimized_metric`` set, ``hparams_search=optuna``) a job that diverged or ran out
+    of memory returns the worst value for the sweeper's direction (-inf when maximizing) instead: the study records
+    the trial as bad and goes on (lightning-hydra-template returns the metric the same way)."""
+    try:
+        out = fn(cfg)
+    except BaseException as e:
+        finish_wandb(exit_code=1)
+        message = user_error(e)
+        if message is None:
+            raise
+        log.error("%s", message)
+        multirun, direction = hydra_mode_and_direction()
+        if not multirun:
+            raise SystemExit(f"error: {message}") from None
+        if isinstance(e, (torch.OutOfMemoryError, MemoryError)) and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the next job of this process needs the memory back
+        payload: dict[str, Any] = {"error": message, "error_type": type(e).__name__}
+        recoverable = isinstance(e, (TrainingDiverged, torch.OutOfMemoryError, MemoryError))
+        if cfg.get("optimized_metric") and recoverable:
+            payload["objective"] = float("-inf") if direction == "maximize" else float("inf")
+            write_metrics(Path(cfg.paths.output_dir), payload)
+            return payload["objective"]
+        write_metrics(Path(cfg.paths.output_dir), payload)
+        raise JobFailed(message) from None
+    finish_wandb(exit_code=0)
+    return out
