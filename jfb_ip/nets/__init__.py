@@ -1,6 +1,7 @@
 """Plain nn.Module regularisers (no physics, no Lightning)."""
 from .dncnn import DnCNN, count_parameters, lipschitz_conv
 from .luser import LUSERBlock
+from .tnrd import TNRD
 from .unet import NoiseConditionedUNet
 
-__all__ = ["DnCNN", "LUSERBlock", "NoiseConditionedUNet", "count_parameters", "lipschitz_conv"]
+__all__ = ["DnCNN", "LUSERBlock", "NoiseConditionedUNet", "TNRD", "count_parameters", "lipschitz_conv"]
