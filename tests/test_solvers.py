@@ -126,3 +126,62 @@ def test_training_mode_solves_one_fixed_map():
     x_hat, stats = rec.x, rec.stats
     assert (stats.residual < 1e-9).all()
     assert x_hat.requires_grad
+
+
+class _Counted:
+    """A map that counts its evaluations: a refused call must fail before any iterate is formed."""
+
+    def __init__(self, f):
+        self.f, self.calls = f, 0
+
+    def __call__(self, z):
+        self.calls += 1
+        return self.f(z)
+
+
+def _half(z):
+    return 0.5 * z + 1.0
+
+
+_Z = torch.zeros(2, 3)
+BAD_EQUILIBRIUM_CALLS = [  # (f, z0, keyword arguments, message, evaluations of f before the error)
+    (lambda z: torch.cat([z, z], 1), _Z, {}, r"f must return a tensor shaped like its input \(2, 3\), it returned "
+                                             r"shape \(2, 6\)", 1),
+    (lambda z: (z, z), _Z, {}, r"f must return one tensor .*returned a tuple", 1),
+    (lambda z: (z, z), _Z, {"backward": "unroll"}, r"f must return one tensor .*returned a tuple", 1),
+    (lambda z: z[:1], _Z, {}, "returned a batch of 1 for a batch of 2", 1),
+    (lambda z: z[:1], _Z, {"backward": "implicit"}, "returned a batch of 1 for a batch of 2", 1),
+    # the same number of elements: broyden's flattening would take it without the check
+    (lambda z: z.reshape(2, 3, 2), torch.zeros(2, 2, 3), {"forward": "broyden"}, r"returned shape \(2, 3, 2\)", 1),
+    (lambda z: z.double(), _Z, {}, "f must return z0's dtype torch.float32, it returned torch.float64", 1),
+    ("not a map", _Z, {}, "f must be a callable", 0),
+    (_half, torch.zeros(3), {}, r"z0 must be batched.*got shape \(3,\)", 0),
+    (_half, torch.zeros(2, 3, dtype=torch.long), {}, "z0 must be a floating-point tensor.*torch.int64", 0),
+    (_half, [[0.0, 0.0]], {}, "z0 must be a tensor", 0),
+    (_half, torch.zeros(0, 3), {}, r"z0 is empty \(shape \(0, 3\)\)", 0),
+    (_half, torch.zeros(2, 0), {}, r"z0 is empty", 0),
+    (_half, _Z, {"tol": "1e-3"}, "tol must be >= 0 and finite.*'1e-3'", 0),
+    (_half, _Z, {"tol": float("inf")}, "tol must be >= 0 and finite", 0),
+    (_half, _Z, {"tol": float("nan")}, "tol must be >= 0 and finite", 0),
+    (_half, _Z, {"tol": -1e-3}, "tol must be >= 0 and finite", 0),
+    (_half, _Z, {"tol": True}, "tol must be >= 0 and finite", 0),
+    (_half, _Z, {"max_iter": 0}, "max_iter must be an integer >= 1, got 0", 0),
+    (_half, _Z, {"max_iter": 2.5}, "max_iter must be an integer >= 1, got 2.5", 0),
+    (_half, _Z, {"max_iter": True}, "max_iter must be an integer >= 1", 0),
+]
+
+
+@pytest.mark.parametrize("f,z0,kw,message,calls", BAD_EQUILIBRIUM_CALLS,
+                         ids=[f"{i}-{c[3][:30]}" for i, c in enumerate(BAD_EQUILIBRIUM_CALLS)])
+def test_equilibrium_refuses_bad_arguments_before_iterating(f, z0, kw, message, calls):
+    counted = _Counted(f) if callable(f) else f
+    with pytest.raises(ValueError, match="^equilibrium: .*" + message):
+        equilibrium(counted, z0, **kw)
+    assert getattr(counted, "calls", 0) == calls
+
+
+def test_tol_zero_runs_every_sample_to_max_iter_and_reports_it_capped():
+    """z_k = 2 - 2^(1-k) for f(z) = z/2 + 1 from 0 never reaches a residual of 0 in float64 within 7 steps."""
+    z, stats = equilibrium(_half, torch.zeros(2, 3, dtype=D), forward="fixed_point", tol=0, max_iter=7)
+    assert (stats.iterations == 7).all() and not stats.converged.any()
+    torch.testing.assert_close(z, torch.full((2, 3), 2 - 2.0 ** -7, dtype=D))

@@ -9,13 +9,54 @@ import torch
 from torch import Tensor
 
 from .backward import BACKWARD_MODES, mode_options
-from .forward import FORWARD_SOLVERS
+from .forward import FORWARD_SOLVERS, check_budget
 from .stats import SolverStats
 
 
 def solver_options(forward: str) -> set[str]:
     """The option names a forward solver accepts besides ``tol`` and ``max_iter``."""
     return set(list(inspect.signature(FORWARD_SOLVERS[forward]).parameters)[2:]) - {"tol", "max_iter"}
+
+
+def check_start(f, z0, tol, max_iter) -> None:
+    """Refuse, before any iteration, what would fail later with a message naming something else: ``f`` not
+    callable; ``z0`` not a floating-point tensor with a batch dimension and a sample in it; ``tol`` not a finite
+    number >= 0 (``'1e-3'``, ``inf``: every first iterate would count as converged); ``max_iter`` below 1."""
+    if not callable(f):
+        raise ValueError(f"equilibrium: f must be a callable map on tensors shaped like z0, got {type(f).__name__}")
+    if not torch.is_tensor(z0):
+        raise ValueError(f"equilibrium: z0 must be a tensor shaped (B, ...), got {type(z0).__name__}")
+    if not z0.is_floating_point():
+        raise ValueError(f"equilibrium: z0 must be a floating-point tensor (its dtype is the solve's), got {z0.dtype}")
+    if z0.dim() < 2:
+        raise ValueError(f"equilibrium: z0 must be batched, shaped (B, ...) with at least one dimension after the "
+                         f"batch dimension, got shape {tuple(z0.shape)}")
+    if z0.numel() == 0:
+        raise ValueError(f"equilibrium: z0 is empty (shape {tuple(z0.shape)}): no sample to solve for")
+    check_budget("equilibrium", tol, max_iter)
+
+
+def _checked(f: Callable[[Tensor], Tensor], same_dtype: bool) -> Callable[[Tensor], Tensor]:
+    """``f`` with its output checked at every evaluation (a tuple compare, negligible beside any map worth
+    solving): one tensor shaped like its input, and in its dtype unless autocast runs ``f``. The first evaluation
+    is f(z0), so a wrong map fails before any iterate is formed; broyden would otherwise reshape an output of the
+    right size silently."""
+
+    def g(z: Tensor) -> Tensor:
+        out = f(z)
+        if not torch.is_tensor(out):
+            raise ValueError(f"equilibrium: f must return one tensor shaped like its input {tuple(z.shape)}, it "
+                             f"returned a {type(out).__name__}")
+        if out.shape != z.shape:
+            what = (f"a batch of {out.shape[0]} for a batch of {z.shape[0]}" if out.dim() and out.shape[0] != z.shape[0]
+                    else f"shape {tuple(out.shape)}")
+            raise ValueError(f"equilibrium: f must return a tensor shaped like its input {tuple(z.shape)}, it "
+                             f"returned {what}")
+        if same_dtype and out.dtype != z.dtype:
+            raise ValueError(f"equilibrium: f must return z0's dtype {z.dtype}, it returned {out.dtype}")
+        return out
+
+    return g
 
 
 def check_names(forward: str, backward: str, backward_options=None, forward_options=None) -> None:
@@ -45,8 +86,9 @@ def equilibrium(f: Callable[[Tensor], Tensor], z0: Tensor, forward: str = "ander
         z0: initial guess; its dtype (float32/float64) is the solve's dtype.
         forward: forward solver name ('anderson', 'fixed_point', 'broyden').
         backward: backward mode name ('jfb', 'implicit', 'neumann', 'unroll', 'phantom').
-        tol: per-sample relative residual ||f(z) - z|| / ||f(z)|| to stop at.
-        max_iter: forward iteration cap.
+        tol: per-sample relative residual ||f(z) - z|| / ||f(z)|| to stop at: a finite number >= 0 (0 runs every
+            sample to ``max_iter``, reported as capped).
+        max_iter: forward iteration cap, >= 1.
         backward_options: the mode's own options (implicit: backward_solver, backward_tol,
             backward_max_iter, backward_solver_options; neumann: neumann_k; unroll: unroll_steps;
             phantom: phantom_k, phantom_damping). An option set to None takes its default: for
@@ -58,7 +100,14 @@ def equilibrium(f: Callable[[Tensor], Tensor], z0: Tensor, forward: str = "ander
     Returns:
         z: the fixed point, differentiable according to ``backward``.
         stats: :class:`SolverStats` with per-sample iterations, residuals, convergence and divergence.
+
+    Raises:
+        ValueError: naming the argument, before any iterate is formed: ``f`` returns something other than one
+            tensor shaped like its input (a tuple, another batch size, another shape or dtype); ``z0`` is not a
+            floating-point tensor (B, ...) with B >= 1; ``tol`` or ``max_iter`` out of range; an unknown solver,
+            mode or option.
     """
+    check_start(f, z0, tol, max_iter)
     check_names(forward, backward, backward_options, forward_options)
     solve = partial(FORWARD_SOLVERS[forward], tol=tol, max_iter=max_iter, **forward_options)
     opts = {k: v for k, v in (backward_options or {}).items() if v is not None}
@@ -70,12 +119,12 @@ def equilibrium(f: Callable[[Tensor], Tensor], z0: Tensor, forward: str = "ander
         opts.setdefault("backward_solver_options", dict(forward_options))  # same solver, same settings
     device = z0.device.type
     if not torch.is_autocast_enabled(device):
-        return BACKWARD_MODES[backward](f, z0, solve, **opts)
+        return BACKWARD_MODES[backward](_checked(f, same_dtype=True), z0, solve, **opts)
     # Mixed precision (trainer.precision=bf16-mixed): only f runs under autocast. The solver's own algebra
     # (Anderson's G G^T and mixing, residuals) stays in z0's dtype: autocast would run its bmm in bfloat16,
     # whose rounding (~4e-3 relative) lies above the usual tol and no solve would ever converge.
     with torch.autocast(device, enabled=False):
-        return BACKWARD_MODES[backward](_under_autocast(f, device), z0, solve, **opts)
+        return BACKWARD_MODES[backward](_under_autocast(_checked(f, same_dtype=False), device), z0, solve, **opts)
 
 
 def _under_autocast(f: Callable[[Tensor], Tensor], device: str) -> Callable[[Tensor], Tensor]:

@@ -5,6 +5,8 @@ They know nothing of images: only of batch dimension 0.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable
 
 import torch
@@ -24,12 +26,14 @@ def register_forward(name: str):
 
 
 def check_budget(name: str, tol: float, max_iter: int) -> None:
-    """A tolerance below zero or a cap below one iteration would silently return the
-    initial guess (or run every sample to the cap): refuse them."""
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+    """A tolerance below zero or a cap below one iteration would silently return the initial guess (or run every
+    sample to the cap), and an infinite one would call the first iterate converged: refuse them. ``tol = 0``
+    runs every sample to ``max_iter`` (reported as capped, not converged)."""
+    if not isinstance(max_iter, numbers.Integral) or isinstance(max_iter, bool) or max_iter < 1:
         raise ValueError(f"{name}: max_iter must be an integer >= 1, got {max_iter!r}")
-    if not tol >= 0:  # also catches NaN
-        raise ValueError(f"{name}: tol must be >= 0 (a relative residual), got {tol!r}")
+    if not isinstance(tol, numbers.Real) or isinstance(tol, bool) or not 0 <= tol < math.inf:  # `not` catches NaN
+        raise ValueError(f"{name}: tol must be >= 0 and finite (a relative residual; 0 runs every sample to "
+                         f"max_iter), got {tol!r}")
 
 
 class _Tracker:
