@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -127,8 +128,11 @@ def test_atomic_checkpoint_write_never_leaves_a_truncated_file(tmp_path, monkeyp
 
 
 def test_on_exception_checkpoint_never_overwrites_an_earlier_one(tmp_path):
-    class Trainer:
+    class Trainer:  # between two steps: 7 batches started, 7 measurements made
         global_step = 0
+        fit_loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(
+            total=SimpleNamespace(ready=7))))
+        lightning_module = SimpleNamespace(_train_batches=7)
 
         def save_checkpoint(self, path, weights_only=None):
             assert weights_only is False  # the full training state (optimizer, loops), or it could not be resumed
@@ -136,8 +140,10 @@ def test_on_exception_checkpoint_never_overwrites_an_earlier_one(tmp_path):
 
     cb, trainer = KeepingOnExceptionCheckpoint(tmp_path), Trainer()
     trainer.global_step = 40
+    cb.on_train_start(trainer, None)
     cb.on_exception(trainer, None, RuntimeError("first"))
     trainer.global_step = 0  # a resumed run failing before its state was restored
+    cb.on_train_start(trainer, None)
     cb.on_exception(trainer, None, RuntimeError("second"))
     assert (tmp_path / "on_exception.ckpt").read_text() == "step 40"
     assert (tmp_path / "on_exception-v1.ckpt").read_text() == "step 0" and cb.saved_path.endswith("-v1.ckpt")
@@ -171,3 +177,87 @@ def test_a_batch_whose_every_sample_diverged_moves_neither_global_step_nor_the_s
     assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 4
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 3
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 3)
+
+
+# in-process runs: 3 batches per epoch, 5 steps, no periodic checkpoint before the end
+MID_STEP = [o for o in RESUME if not o.startswith(("trainer.max_steps", "callbacks.model_checkpoint"))] + [
+    "trainer.max_steps=5", "callbacks.model_checkpoint.every_n_train_steps=100"]
+
+
+def _sigint_inside_step(monkeypatch, step: int, times: int) -> None:
+    """Send SIGINT ``times`` times from inside the network's forward pass in training step ``step`` (1-based): the
+    batch is drawn, its random stream advanced, the spectral-norm power iteration half done, no optimizer step yet."""
+    import jfb_ip.nets
+
+    forward, sent = jfb_ip.nets.DnCNN.forward, []
+
+    def interrupting(net, *a, **k):
+        out = forward(net, *a, **k)
+        module_batches = _sigint_inside_step.module._train_batches
+        if net.training and module_batches == step and len(sent) < times:
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(jfb_ip.nets.DnCNN, "forward", interrupting)
+
+
+def _train_in_process(overrides: list[str], out_dir: Path):
+    from conftest import compose_cfg
+    from jfb_ip.lit import run
+
+    build = run.build_module
+
+    def keep(*a, **k):  # the module of this run, for the interrupting forward to read its batch count
+        _sigint_inside_step.module = build(*a, **k)
+        return _sigint_inside_step.module
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run, "build_module", keep)
+        return run.train(compose_cfg("train", [*overrides, f"paths.output_dir={out_dir}"], out_dir))
+
+
+def test_ctrl_c_inside_a_step_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    """SIGINT arrives inside training step 2 (mid-epoch); training stops at the end of that step and writes
+    on_exception.ckpt there; resumed with ckpt_path=, the final weights, spectral-norm vectors, Adam moments and
+    schedule are torch.equal to an uninterrupted run's."""
+    _train_in_process(MID_STEP, tmp_path / "full")
+    handler = signal.getsignal(signal.SIGINT)
+    _sigint_inside_step(monkeypatch, step=2, times=1)
+    with pytest.raises(SystemExit):  # Lightning ends an interrupted fit with sys.exit(1)
+        _train_in_process(MID_STEP, tmp_path / "stopped")
+    assert signal.getsignal(signal.SIGINT) is handler  # the deferring handler is gone with the fit
+    saved = tmp_path / "stopped" / "checkpoints" / "on_exception.ckpt"
+    assert _load(saved)["global_step"] == 2  # the interrupted step finished, and no other began
+    monkeypatch.undo()
+    _train_in_process([*MID_STEP, f"ckpt_path={saved}"], tmp_path / "resumed")
+    _assert_same_training_state(_load(tmp_path / "full" / "checkpoints" / "last.ckpt"),
+                                _load(tmp_path / "resumed" / "checkpoints" / "last.ckpt"))
+
+
+def test_a_second_ctrl_c_stops_inside_the_step_and_writes_no_checkpoint(tmp_path, monkeypatch):
+    _sigint_inside_step(monkeypatch, step=2, times=2)
+    with pytest.raises(SystemExit):
+        _train_in_process(MID_STEP, tmp_path / "stopped")
+    assert not list((tmp_path / "stopped" / "checkpoints").glob("on_exception*.ckpt"))
+
+
+@pytest.mark.integration
+def test_sigterm_stops_at_a_step_boundary_and_exits_143(tmp_path):
+    """SIGTERM (a scheduler's stop) during training: the state after a whole step in on_exception.ckpt, no
+    metrics.json, exit status 143 so a scheduler or a sweep counts the job as failed."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    args = [o for o in RESUME if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=100000",
+                                                                          f"hydra.run.dir={out}"]
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # training has begun (first periodic checkpoint at step 4)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "SIGTERM" in err
+    saved = _load(out / "checkpoints" / "on_exception.ckpt")
+    assert saved["global_step"] >= 4 and not (out / "metrics.json").exists()

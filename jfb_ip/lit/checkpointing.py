@@ -7,6 +7,8 @@ import inspect
 import logging
 import os
 import random
+import signal
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -46,7 +48,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class KeepingOnExceptionCheckpoint(Checkpoint):
-    """Saves the training state when an exception (a crash, Ctrl-C) stops ``fit``; never overwrites an earlier one.
+    """Saves the training state when an exception (a crash, Ctrl-C, SIGTERM) stops ``fit``, only at a step boundary,
+    and never overwrites an earlier one.
+
+    A checkpoint is only ever written between two training steps: a state taken inside one (the batch drawn, its
+    random stream and the spectral-norm power iterations advanced, half the parameters updated) would not resume
+    where an uninterrupted run goes on. So during ``fit`` the first Ctrl-C (SIGINT) is deferred: the step in flight
+    finishes, then training stops with ``KeyboardInterrupt`` and this callback writes the state (it runs after the
+    other callbacks' ``on_train_batch_end``: Lightning orders checkpoint callbacks last). A second Ctrl-C stops at
+    once, inside the step, and nothing is written; nor for an exception raised inside a step (resume from the
+    periodic ``last.ckpt``). SIGTERM is Lightning's: it stops at the end of a step (``SIGTERMException``).
 
     Lightning's ``OnExceptionCheckpoint`` writes ``<dirpath>/on_exception.ckpt`` over whatever is there, deletes it
     at teardown, and makes a later ``fit`` without ``ckpt_path`` resume the newest checkpoint of the directory on its
@@ -59,6 +70,10 @@ class KeepingOnExceptionCheckpoint(Checkpoint):
         super().__init__()
         self.dirpath, self.filename = str(dirpath), filename
         self.saved_path: str | None = None
+        self._boundary: tuple[int, int] | None = None  # (batches started, module batches made) at the last boundary
+        self._stop_requested = False
+        self._stop_at_boundary = False  # set when this callback raises KeyboardInterrupt between two steps
+        self._previous_sigint: Any = None
 
     def _free_path(self) -> str:
         path, n = os.path.join(self.dirpath, f"{self.filename}.ckpt"), 0
@@ -67,12 +82,58 @@ class KeepingOnExceptionCheckpoint(Checkpoint):
             path = os.path.join(self.dirpath, f"{self.filename}-v{n}.ckpt")
         return path
 
-    def on_exception(self, trainer, *_: Any, **__: Any) -> None:
+    @staticmethod
+    def _position(trainer) -> tuple[int, int]:
+        """What moves as soon as a step begins: Lightning's count of batches started (``increment_ready``, after
+        the batch is transferred) and the module's count of training measurements made (in the transfer)."""
+        ready = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        return ready, int(getattr(trainer.lightning_module, "_train_batches", 0))
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self._stop_requested:  # the second Ctrl-C: stop now, inside the step, without a checkpoint
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        log.warning("Ctrl-C: training stops at the end of this step and writes a checkpoint that resumes exactly "
+                    "(Ctrl-C again stops at once, without a checkpoint)")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._boundary, self._stop_requested, self._stop_at_boundary = self._position(trainer), False, False
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread only
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _restore_sigint(self) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+    def on_train_batch_end(self, trainer, *_: Any, **__: Any) -> None:
+        self._boundary = self._position(trainer)
+        if self._stop_requested:
+            self._stop_at_boundary = True
+            raise KeyboardInterrupt
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_sigint()
+        if self._stop_requested:  # Ctrl-C during the last step or the last validation: training is complete
+            self._boundary, self._stop_at_boundary = self._position(trainer), True
+            raise KeyboardInterrupt
+        self._boundary = None  # fit is over: an exception in test writes nothing
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore_sigint()
+        if self._boundary is None:  # not training (validate, test) or stopped before the first step began
+            return
+        boundary, self._boundary = self._boundary, None
+        if not self._stop_at_boundary and self._position(trainer) != boundary:
+            log.warning("training stopped inside step %d by %s: no checkpoint written (a state taken inside a step "
+                        "would not resume exactly); resume from the last periodic checkpoint in %s",
+                        trainer.global_step + 1, type(exception).__name__, self.dirpath)
+            return
         path = self._free_path()
         trainer.save_checkpoint(path, weights_only=False)  # the full state: resumable
         self.saved_path = path
-        log.warning("training stopped at step %d by an exception; its state is in %s (resume: ckpt_path=%s)",
-                    trainer.global_step, path, path)
+        log.warning("training stopped after step %d by %s; its state is in %s (resume: ckpt_path=%s)",
+                    trainer.global_step, type(exception).__name__, path, path)
 
 
 def rng_state() -> dict[str, Any]:

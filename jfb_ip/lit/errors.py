@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from ..checkpoint import CheckpointError
@@ -18,6 +19,9 @@ from .outputs import write_metrics
 __all__ = ["ConfigError", "CheckpointError", "JobFailed", "TrainingDiverged", "main_guard", "user_error"]
 
 log = logging.getLogger(__name__)
+
+# the exit status of a run stopped by SIGTERM: 128 + the signal number, the shell's convention for a killed process
+SIGTERM_STATUS = 143
 
 
 class ConfigError(ValueError):
@@ -87,6 +91,12 @@ def main_guard(fn, cfg: DictConfig) -> Any:
     the trial as bad and goes on (lightning-hydra-template returns the metric the same way)."""
     try:
         out = fn(cfg)
+    except SIGTERMException:
+        # Lightning stops at the end of a step on SIGTERM (the on-exception checkpoint holds that state) and exits
+        # with SystemExit(None), status 0: a scheduler and a sweep would count the job as finished. 128 + 15 instead
+        finish_wandb(exit_code=SIGTERM_STATUS)
+        log.error("stopped by SIGTERM: no metrics.json; resume with ckpt_path=<the on_exception*.ckpt logged above>")
+        raise SystemExit(SIGTERM_STATUS) from None
     except BaseException as e:
         finish_wandb(exit_code=1)
         message = user_error(e)
