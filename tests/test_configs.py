@@ -41,8 +41,6 @@ def test_option_instantiates(group, option, tmp_path, image_folder, fake_celeba,
     base = TINY_ANY_DATA if group == "data" else TINY
     if group == "method":  # the tiny net/solver keys belong to DE-GRAD; each method has its own
         base = method_overrides(base, option, request)
-    if (group, option) == ("solver", "none"):
-        base = [o for o in base if not o.startswith("solver.")]
     if group == "task":
         base = for_task(base, option)
     cfg = compose_cfg("train", base + [f"{group}={option}"] + (extra if group == "data" else []), tmp_path)
@@ -53,10 +51,6 @@ def test_option_instantiates(group, option, tmp_path, image_folder, fake_celeba,
         objs = [hydra.utils.instantiate(c) for c in node.values()] if node else []
         assert sorted(type(o).__name__ for o in objs) == EXPECTED_TYPE[group][option]
     elif group in ("solver", "backward"):
-        if option == "none":  # only for methods without a fixed point: DE-GRAD must refuse it
-            with pytest.raises(Exception, match=f"{group}=none|unknown backward mode 'none'"):
-                hydra.utils.instantiate(cfg.method, _convert_="all")
-            return
         method = hydra.utils.instantiate(cfg.method, _convert_="all")
         assert (method.solve.forward if group == "solver" else method.solve.mode) == node.get("name", node.get("mode"))
     elif group == "data":
@@ -158,7 +152,7 @@ def method_overrides(base: list[str], option: str, request) -> list[str]:
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in ("method", "task", "solver", "backward", "trainer",
                                                              "logger", "callbacks", "data") for o in options(g)
-                                          if (g, o) not in (("trainer", "gpu"), ("solver", "none"), ("backward", "none"),
+                                          if (g, o) not in (("trainer", "gpu"),
                                                             # in-process, DDP would re-run pytest: tests/test_ddp.py
                                                             # runs trainer=ddp_sim in real processes
                                                             ("trainer", "ddp"), ("trainer", "ddp_sim"))])
@@ -184,6 +178,36 @@ def test_backward_option_of_another_mode_fails_when_built(tmp_path):
     cfg = compose_cfg("train", ["backward=neumann", "+backward.unroll_steps=3"], tmp_path)
     with pytest.raises(Exception, match=r"takes no option\(s\) \['unroll_steps'\]"):
         hydra.utils.instantiate(cfg.method, _convert_="all")
+
+
+def test_solver_and_backward_come_with_the_fixed_point_methods_only(tmp_path):
+    """The fixed-point methods pick a forward solver and a backward mode, which the command line replaces and
+    extends as top-level groups; a method without a fixed point composes neither, and one given to it is refused."""
+    from jfb_ip.lit.checks import check_run_config
+    from jfb_ip.lit.errors import ConfigError
+
+    cfg = compose_cfg("train", ["solver=broyden", "solver.memory=20"], tmp_path)
+    method = hydra.utils.instantiate(cfg.method, _convert_="all")
+    assert (method.solve.forward, cfg.method.solver.memory, method.backward_mode) == ("broyden", 20, "jfb")
+    cfg = compose_cfg("train", ["backward=implicit", "backward.backward_solver=cg"], tmp_path)
+    assert cfg.method.backward == {"mode": "implicit", "backward_solver": "cg", "backward_tol": None,
+                                   "backward_max_iter": None}
+    for mode in ("jfb", "implicit", "neumann"):  # the sweep -m method=degrad backward=jfb,implicit,neumann
+        cfg = compose_cfg("train", ["method=degrad", f"backward={mode}"], tmp_path)
+        assert hydra.utils.instantiate(cfg.method, _convert_="all").backward_mode == mode
+    assert compose_cfg("train", ["method=mtdeq"], tmp_path).method.solver.name == "fixed_point"
+    assert compose_cfg("train", ["method=lu_dncnn"], tmp_path).backward.mode == "unroll"
+    for name in ("tv", "wiener", "pnp_admm", "denoiser", "lu_dncnn"):
+        cfg = compose_cfg("train", [f"method={name}"], tmp_path)
+        assert cfg.get("solver") is None and "solver" not in cfg.method
+        if name != "lu_dncnn":
+            assert cfg.get("backward") is None and "backward" not in cfg.method
+        given = compose_cfg("train", [f"method={name}", "solver=anderson"], tmp_path)
+        with pytest.raises(ConfigError, match=f"method={name} has no fixed point to solve, so solver=anderson"):
+            check_run_config(given)
+    with pytest.raises(ConfigError, match="method=tv has no backward mode to choose, so backward=implicit"):
+        check_run_config(compose_cfg("train", ["method=tv", "backward=implicit"], tmp_path))
+    assert not (Path(CONF) / "solver" / "none.yaml").exists() and not (Path(CONF) / "backward" / "none.yaml").exists()
 
 
 @pytest.mark.parametrize("task,size", [("ct", 362), ("mri4x", 320), ("mri8x", 320)])

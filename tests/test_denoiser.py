@@ -129,7 +129,7 @@ def test_method_denoiser_picks_task_denoise_and_fast_dev_runs(tmp_path):
     from jfb_ip.lit.run import train
 
     cfg = compose_cfg("train", _tiny_denoiser_overrides() + ["debug=fast_dev_run"], tmp_path)
-    assert cfg.task._target_ == "jfb_ip.physics.Denoise" and cfg.solver.name == "none"
+    assert cfg.task._target_ == "jfb_ip.physics.Denoise" and cfg.get("solver") is None
     out = train(cfg)
     assert out["test"]["n_images"] == 4 and math.isfinite(out["test"]["model"]["psnr"])
     # a task on the command line wins over the method's pick
@@ -138,11 +138,15 @@ def test_method_denoiser_picks_task_denoise_and_fast_dev_runs(tmp_path):
 
 def test_refuses_solver_options(tmp_path):
     from conftest import compose_cfg
-    import hydra
+    from jfb_ip.lit.checks import check_run_config
+    from jfb_ip.methods import Denoiser
+    from jfb_ip.nets import NoiseConditionedUNet
 
     cfg = compose_cfg("train", ["method=denoiser", "solver=anderson"], tmp_path)
+    with pytest.raises(Exception, match="method=denoiser has no fixed point to solve, so solver=anderson"):
+        check_run_config(cfg)
     with pytest.raises(Exception, match="method=denoiser is one network pass"):
-        hydra.utils.instantiate(cfg.method, _convert_="all")
+        Denoiser(NoiseConditionedUNet(3, features=[4]), solver={"name": "anderson"})
 
 
 def test_trained_checkpoint_loads_as_a_prior(tmp_path):

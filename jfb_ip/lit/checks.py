@@ -71,6 +71,22 @@ def check_run_config(cfg: DictConfig) -> None:
     metric = cfg.get("optimized_metric")
     if metric is not None and not (isinstance(metric, str) and metric.startswith("val/")):
         raise ConfigError(f"optimized_metric must name a validation metric such as val/psnr or val/ssim, got {metric!r}")
+    check_fixed_point_groups(cfg)
+
+
+def check_fixed_point_groups(cfg: DictConfig) -> None:
+    """The ``solver`` and ``backward`` groups are composed by the methods with a fixed point (their configs pick
+    both, conf/method/degrad.yaml) and null otherwise; one given on the command line to a method that has no use for
+    it (``method=tv solver=broyden``) is refused rather than ignored."""
+    method = cfg.get("method")
+    if not method:
+        return
+    for group, key in (("solver", "name"), ("backward", "mode")):
+        node = cfg.get(group)
+        if node is not None and group not in method:
+            raise ConfigError(f"method={choice('method') or method.get('_target_', '?')} has no "
+                              f"{'fixed point to solve' if group == 'solver' else 'backward mode to choose'}, so "
+                              f"{group}={node.get(key, '?')} cannot apply: drop the {group}= override")
 
 
 def check_task_data(cfg: DictConfig) -> None:
