@@ -275,3 +275,8 @@ def test_method_task_specializations_apply_to_their_pair_only(tmp_path):
         assert cfg.method.contraction_penalty == 0
         cfg = compose_cfg("train", [f"experiment={exp}"], tmp_path)
         assert (cfg.module.loss._target_, cfg.method.solver.train_tol) == ("torch.nn.MSELoss", None)
+        assert cfg.specialization is None
+    # the specialisation a run picked up is in its config (`python train.py --cfg job` shows it)
+    assert compose_cfg("train", [], tmp_path).specialization == "degrad_deblur"
+    assert compose_cfg("train", ["task=mri4x"], tmp_path).specialization == "degrad_mri4x"
+    assert compose_cfg("train", ["method=deprox"], tmp_path).specialization is None
