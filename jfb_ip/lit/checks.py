@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .. import config_dir
 from .errors import ConfigError, innermost
+from .validate import check_options
 
 # what evaluate.py runs without a checkpoint (methods with nothing to train)
 UNTRAINED_METHODS = ("method=wiener", "method=tv", "method=pnp_admm")
@@ -58,7 +59,9 @@ def train_default(group: str) -> str:
 
 
 def check_run_config(cfg: DictConfig) -> None:
-    """Config errors that no single group can see, raised before anything runs."""
+    """Config errors that no single group can see, raised before anything runs; first every option's type and
+    range (:func:`~jfb_ip.lit.validate.check_options`)."""
+    check_options(cfg)
     grid = cfg.get("grid_images")
     if grid is not None and (not isinstance(grid, int) or grid < 1):
         raise ConfigError(f"grid_images must be an integer >= 1, got {grid!r}")

@@ -1,0 +1,80 @@
+"""Every bad value a new user may type is refused before anything is built, in one line naming the key, the value and
+the valid range (jfb_ip.lit.validate): the config is composed as train.py composes it and handed to the check that
+train.py and evaluate.py run first. One table; each row is (overrides, the key and value the message must name, the
+range it must state)."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import compose_cfg
+from jfb_ip.lit.checks import check_run_config
+from jfb_ip.lit.errors import ConfigError
+
+BAD = [
+    # strings that read as booleans turn nothing on
+    (["compile=no"], "compile='no'", "true or false"),
+    (["channels_last=off"], "channels_last='off'", "true or false"),
+    (["test=1"], "test=1", "true or false"),
+    (["module.fixed_train_noise=yes"], "module.fixed_train_noise='yes'", "true or false"),
+    (["method.net.spectral_norm=off"], "method.net.spectral_norm='off'", "true or false"),
+    # converged in name only
+    (["solver.tol=inf"], "solver.tol=inf", "in (0, 1)"),
+    (["solver.tol=0"], "solver.tol=0", "in (0, 1)"),
+    (["solver.max_iter=0"], "solver.max_iter=0", "an integer >= 1"),
+    (["solver.bound=-1"], "solver.bound=-1", "> 0"),
+    (["backward=neumann", "backward.neumann_k=-1"], "backward.neumann_k=-1", "an integer >= 0"),
+    # numbers out of range, NaN, infinities
+    (["task.noise_std=-0.1"], "task.noise_std=-0.1", ">= 0, finite"),
+    (["task.noise_std=nan"], "task.noise_std=nan", ">= 0, finite"),
+    (["task.noise_std=inf"], "task.noise_std=inf", ">= 0, finite"),
+    (["task=denoise", "task.noise_std=[0,nan]"], "task.noise_std=[0, nan]", ">= 0, finite"),
+    (["task=inpaint", "task.p_drop=1.5"], "task.p_drop=1.5", "in [0, 1)"),
+    (["method.net.gamma=0"], "method.net.gamma=0", "> 0, finite"),
+    (["method.net.gamma=-1"], "method.net.gamma=-1", "> 0, finite"),
+    (["method.net.gamma=nan"], "method.net.gamma=nan", "> 0, finite"),
+    (["method.net.gamma=inf"], "method.net.gamma=inf", "> 0, finite"),
+    (["method.net.width=0"], "method.net.width=0", "an integer >= 1"),
+    (["method.net.depth=2.5"], "method.net.depth=2.5", "an integer >= 2"),
+    (["method.reg_weight=-1"], "method.reg_weight=-1", "> 0, finite"),
+    (["module.gradient_clip_val=-1"], "module.gradient_clip_val=-1", "> 0, finite (or null)"),
+    (["module.optimizer.lr=nan"], "module.optimizer.lr=nan", "> 0, finite"),
+    (["module.optimizer.lr=-1"], "module.optimizer.lr=-1", "> 0, finite"),
+    (["module.optimizer.weight_decay=-1"], "module.optimizer.weight_decay=-1", ">= 0, finite"),
+    (["module.scheduler.T_max=0"], "module.scheduler.T_max=0", "an integer >= 1"),
+    (["trainer.max_steps=-1"], "module.scheduler.T_max=-1 (from ${trainer.max_steps})", "an integer >= 1"),
+    (["seed=abc"], "seed='abc'", "an integer in [0, 4.29497e+09]"),
+    (["seed=-1"], "seed=-1", "an integer in [0, 4.29497e+09]"),
+    (["trainer.max_steps=2.5"], "trainer.max_steps=2.5", "an integer >= 1 (or -1)"),
+    (["trainer.max_steps=abc"], "trainer.max_steps='abc'", "an integer >= 1 (or -1)"),
+    (["trainer.check_val_every_n_epoch=0"], "trainer.check_val_every_n_epoch=0", "an integer >= 1 (or null)"),
+    # options of the same classes that no table row names: their _target_'s annotation, or no NaN anywhere
+    (["method=luser_sw", "method.block.gamma=nan"], "method.block.gamma=nan", "a number, finite"),
+    (["method=luser_sw", "method.shared_weights=no"], "method.shared_weights='no'", "true or false"),
+    (["method=tv", "method.max_iter=2.5"], "method.max_iter=2.5", "an integer"),
+    (["data.dataset.max_zoom_out=nan"], "data.dataset.max_zoom_out=nan", "a number, finite"),
+    (["data.dataset.rot90=on"], "data.dataset.rot90='on'", "true or false"),
+    # a key nothing reads
+    (["+foo=1"], "+foo=1", "not an option of train.py"),
+    (["+seeed=1"], "+seeed=1", "did you mean seed?"),
+]
+
+
+@pytest.mark.parametrize("overrides,named,valid", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_a_bad_value_is_refused_in_one_line_naming_key_value_and_range(overrides, named, valid, tmp_path):
+    cfg = compose_cfg("train", ["logger=none", *overrides], tmp_path)
+    with pytest.raises(ConfigError) as e:
+        check_run_config(cfg)
+    message = str(e.value)
+    assert named in message and valid in message and "\n" not in message, message
+
+
+GOOD = [[], ["method=luser_sw"], ["method=mtdeq", "task=multitask"], ["method=tv"], ["method=pnp_admm"],
+        ["method=lu_dncnn"], ["method=deprox"], ["method=denoiser"], ["method=wiener"], ["task=inpaint"], ["task=ct"],
+        ["task=mri4x"], ["task=sr4"], ["task=denoise", "task.noise_std=[0,0.2]"], ["experiment=luser_ct"],
+        ["debug=overfit"], ["trainer.max_steps=-1", "trainer.max_epochs=3", "module.scheduler.T_max=100"], ["solver.bound=inf"],
+        ["module.gradient_clip_val=null"], ["+references.tv={_target_:jfb_ip.methods.TV}"]]
+
+
+@pytest.mark.parametrize("overrides", GOOD, ids=[" ".join(g) or "defaults" for g in GOOD])
+def test_the_shipped_configs_and_valid_values_pass(overrides, tmp_path):
+    check_run_config(compose_cfg("train", ["logger=none", *overrides], tmp_path))
