@@ -54,6 +54,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint written by train.py, unpickled with ``weights_only=True``, with its plain-data run config.
     Every way it can be unusable is one CheckpointError."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(str(p) for p in [*path.glob("*.ckpt"), *path.glob("checkpoints/*.ckpt")])
+        raise CheckpointError(f"ckpt_path={path} is a directory: give a checkpoint file"
+                              + (f", e.g. ckpt_path={found[-1]}" if found else
+                                 " (a run writes <run dir>/checkpoints/last.ckpt)"))
     if not path.is_file():
         raise CheckpointError(f"ckpt_path={path} does not exist (a run writes <run dir>/checkpoints/last.ckpt)")
     try:
@@ -67,8 +72,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     run_config = (ckpt.get("hyper_parameters") or {}).get("run_config")
     if not isinstance(run_config, dict) or "method" not in run_config:
         raise CheckpointError(f"ckpt_path={path} holds no jfb-ip run config; was it written by train.py?")
+    check_finite(ckpt["state_dict"], f"ckpt_path={path}")
     _reference_rows_apart(ckpt)
     return ckpt
+
+
+def check_finite(state: Mapping[str, Any], what: str) -> None:
+    """Every floating tensor of a state dict finite; else one CheckpointError naming the first tensor that is not.
+    A NaN weight makes every solve diverge, which would otherwise be reported as a solver that did not converge."""
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{what}: its weights are not finite ({name} holds {bad} NaN/inf of {t.numel()} "
+                                  f"values): the run diverged or the file was damaged; use an earlier checkpoint")
 
 
 def _reference_rows_apart(ckpt: dict[str, Any]) -> None:
@@ -101,6 +117,26 @@ def load_weights(module: nn.Module, ckpt: dict[str, Any], path) -> None:
                               f"was the checkpoint edited or written by another version?") from None
 
 
+def check_state_fits(module: nn.Module, ckpt: dict[str, Any], path) -> None:
+    """The checkpoint's state dict has exactly ``module``'s keys and shapes (before Lightning restores it, which
+    would print torch's key lists): one CheckpointError naming the first difference."""
+    mine = module.state_dict()
+    theirs = ckpt["state_dict"]
+    missing, extra = sorted(mine.keys() - theirs.keys()), sorted(theirs.keys() - mine.keys())
+    shapes = [k for k in sorted(mine.keys() & theirs.keys()) if getattr(theirs[k], "shape", None) is not None
+              and tuple(theirs[k].shape) != tuple(mine[k].shape)]
+    if shapes:
+        k = shapes[0]
+        raise CheckpointError(f"ckpt_path={path} does not fit this run's model: {k} has shape {list(theirs[k].shape)} "
+                              f"there and {list(mine[k].shape)} here ({len(shapes)} such tensors); resume with the "
+                              f"checkpoint's method settings")
+    if missing or extra:
+        which = f"this run's model has {missing[0]}, the checkpoint does not" if missing else \
+            f"the checkpoint holds {extra[0]}, this run's model does not"
+        raise CheckpointError(f"ckpt_path={path} does not fit this run's model ({which}; {len(missing)} missing, "
+                              f"{len(extra)} unexpected): resume with the checkpoint's method settings")
+
+
 NET_KEY = "method.net."
 DENOISER_HINT = "train one with `python train.py method=denoiser task=denoise`"
 
@@ -120,6 +156,9 @@ def load_network(path: str | Path | None, noise_conditioned: bool = False) -> nn
         raise CheckpointError(f"no checkpoint given (path: null; e.g. method.denoiser.path=<run dir>/checkpoints/"
                               f"last.ckpt); {hint}")
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory: give the file, e.g. {path / 'checkpoints' / 'last.ckpt'}"
+                              f"; {hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; {hint}")
     try:
@@ -133,6 +172,7 @@ def load_network(path: str | Path | None, noise_conditioned: bool = False) -> nn
     if not isinstance(net_cfg, Mapping) or not weights:
         raise CheckpointError(f"checkpoint {path} holds no network under method.net (its method is "
                               f"{(run_config.get('method') or {}).get('_target_', 'unknown')}); {hint}")
+    check_finite(weights, f"checkpoint {path}")
     net = _build_net(dict(net_cfg), path, noise_conditioned)
     try:
         load_state(net, weights)

@@ -261,3 +261,56 @@ def test_sigterm_stops_at_a_step_boundary_and_exits_143(tmp_path):
     assert "Traceback" not in err and "SIGTERM" in err
     saved = _load(out / "checkpoints" / "on_exception.ckpt")
     assert saved["global_step"] >= 4 and not (out / "metrics.json").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The last.ckpt of a 2-step run of the tiny DE-GRAD on deblurring."""
+    out = tmp_path_factory.mktemp("tiny")
+    _train_in_process([*TINY, "test=false"], out)
+    return out / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize("change,named", [
+    (["task=inpaint"], "task._target_: 'jfb_ip.physics.Deblur' -> 'jfb_ip.physics.Inpaint'"),
+    (["method.net.width=16"], "method.net.width: 8 -> 16"),
+    (["method=lu_dncnn"], "method._target_: 'jfb_ip.methods.DEGRAD' -> 'jfb_ip.methods.LUDnCNN'"),
+    (["data.channels=1"], "data.channels: 3 -> 1"),
+])
+def test_resuming_as_another_model_or_task_is_refused(tiny_checkpoint, change, named, tmp_path):
+    from jfb_ip.lit.errors import ConfigError
+
+    group = change[0].split("=")[0]
+    overrides = [o for o in TINY if not (group in ("method", "task") and o.startswith((f"{group}.", "solver.")))]
+    with pytest.raises(ConfigError) as e:
+        _train_in_process([*overrides, *change, f"ckpt_path={tiny_checkpoint}"], tmp_path)
+    assert named in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_resuming_with_another_seed_or_batch_size_names_the_changes(tiny_checkpoint, tmp_path, caplog):
+    _train_in_process([*TINY, "seed=1", "data.batch_size=2", "test=false", f"ckpt_path={tiny_checkpoint}"], tmp_path)
+    warned = [r.getMessage() for r in caplog.records if "resuming with settings" in r.getMessage()]
+    assert warned and "seed: 0 -> 1" in warned[0] and "data.batch_size: 4 -> 2" in warned[0], warned
+
+
+def test_checkpoint_errors_name_the_cause(tiny_checkpoint, tmp_path):
+    """A NaN weight is named on loading (not blamed on the solver); a directory is a directory; another model's
+    state dict is one line naming the first tensor that does not fit."""
+    from conftest import compose_cfg
+    from jfb_ip.checkpoint import CheckpointError, check_state_fits, load_checkpoint
+    from jfb_ip.lit.run import build_module
+
+    ckpt = _load(tiny_checkpoint)
+    name = next(k for k, v in ckpt["state_dict"].items() if k.startswith("method.net.") and v.numel() > 3)
+    ckpt["state_dict"][name].view(-1)[3] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    with pytest.raises(CheckpointError, match=rf"{name} holds 1 NaN/inf of \d+ values"):
+        load_checkpoint(tmp_path / "nan.ckpt")
+    with pytest.raises(CheckpointError, match=f"ckpt_path={tiny_checkpoint.parent} is a directory: give a checkpoint "
+                                              f"file, e.g. ckpt_path={tiny_checkpoint}"):
+        load_checkpoint(tiny_checkpoint.parent)
+    wider = build_module(compose_cfg("train", [*TINY, "method.net.width=16"], tmp_path))
+    with pytest.raises(CheckpointError, match=r"method.net.body.0.bias has shape \[8\] there and \[16\] here"):
+        check_state_fits(wider, load_checkpoint(tiny_checkpoint), tiny_checkpoint)
+    check_state_fits(build_module(compose_cfg("train", list(TINY), tmp_path)), load_checkpoint(tiny_checkpoint),
+                     tiny_checkpoint)

@@ -11,7 +11,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .. import config_dir
-from ..checkpoint import load_checkpoint, load_weights
+from ..checkpoint import check_state_fits, load_checkpoint, load_weights
 from ..data import DatasetError
 from .callbacks import ReferenceRows, TestTable, TrainingStats
 from .checkpointing import AtomicCheckpointIO, RngState
@@ -21,6 +21,7 @@ from .errors import ConfigError, finish_wandb, hydra_mode_and_direction
 from .module import ReconstructionModule
 from .outputs import examples_png, format_table, keep_hydra_record, log_run_config, log_test_results, write_metrics
 from .speed import apply_speed_switches
+from .validate import check_resume
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     run_config = OmegaConf.to_container(cfg, resolve=True)
+    ckpt = None
     if cfg.get("ckpt_path"):
-        load_checkpoint(cfg.ckpt_path)  # readable and safe before Lightning touches it
+        ckpt = load_checkpoint(cfg.ckpt_path)  # readable, finite and safe before Lightning touches it
+        changed = check_resume(ckpt["hyper_parameters"]["run_config"], run_config, cfg.ckpt_path)
+        if changed:
+            log.warning("resuming with settings other than the checkpoint's run (it will not end where that run "
+                        "would have): %s", "; ".join(changed))
     elif cfg.get("train", True):
         check_fresh_run_dir(out_dir)
     keep_hydra_record(out_dir)
     datamodule = instantiate_group(cfg, "data")
     datamodule.validate("fit" if cfg.get("train", True) else "test")  # a missing split fails now, not after training
     module = build_module(cfg, run_config)
+    if ckpt is not None:
+        check_state_fits(module, ckpt, cfg.ckpt_path)
     apply_speed_switches(module, cfg.get("channels_last", False), cfg.get("compile", False))
     run = RunCallbacks(cfg.get("references"), cfg.grid_images)
     callbacks = _instantiate_dict(cfg.get("callbacks"))

@@ -316,3 +316,38 @@ def check_unknown_top_level_keys(cfg: DictConfig) -> None:
             hint = f"did you mean {near[0]}?" if near else f"the options are {', '.join(sorted(known))}"
             raise ConfigError(f"{o} adds {key}, which is not an option of {name}.py and nothing would read it: drop "
                               f"it; {hint}")
+
+
+# what a resumed run must share with its checkpoint's run: the model it trains and the problem it solves
+RESUME_FIXED = ("method", "task", "data.channels")
+# what may differ without changing the result's meaning, so it goes unmentioned (the run length has its own warning)
+RESUME_QUIET = ("ckpt_path", "paths", "trainer", "logger", "callbacks", "hydra", "tags", "task_name", "train", "test",
+                "grid_images", "module.scheduler.T_max", "optimized_metric", "hparams_search", "launcher")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    return {prefix: d}
+
+
+def check_resume(saved: dict, run: dict, path) -> list[str]:
+    """A run resumed from ``path`` against the run that wrote it (both resolved run configs). Another method, net
+    shape, task or channel count is refused (one ConfigError listing the keys); the other changed keys (seed, batch
+    size, image size, ...) are returned as ``key old -> new`` for a warning: the run goes on, but will not end where
+    an uninterrupted one would. The equilibrium options (``solver``, ``backward``) may change."""
+    old, new = _flat(saved), _flat(run)
+    within = lambda k, keys: any(k == p or k.startswith(p + ".") for p in keys)  # noqa: E731
+    solve = lambda k: any(part in ("solver", "backward") for part in k.split("."))  # noqa: E731
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    # a key on one side only is an option added or removed between versions of jfb-ip: listed, not refused
+    fixed = [k for k in changed if within(k, RESUME_FIXED) and not solve(k) and (k in old and k in new)]
+    show = lambda k: f"{k}: {_show(old.get(k))} -> {_show(new.get(k))}"  # noqa: E731
+    if fixed:
+        raise ConfigError(f"ckpt_path={path} was trained with another model or task ({'; '.join(map(show, fixed[:6]))}"
+                          f"{'; ...' if len(fixed) > 6 else ''}): resume with the checkpoint's method, task and "
+                          f"data.channels (drop those overrides), or start a new run without ckpt_path")
+    return [show(k) for k in changed if not within(k, RESUME_QUIET) and not within(k, RESUME_FIXED)]
