@@ -1,16 +1,28 @@
 """``python -m jfb_ip.train [overrides]``: train.py for an installed package (same configs)."""
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from . import config_dir
-from .lit.errors import main_guard
+from .lit.errors import ConfigError, main_guard
 from .lit.run import train_objective
+from .lit.validate import check_command_line
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _main(cfg: DictConfig) -> float | None:
     """Train; return the value of ``optimized_metric`` (None unless set) for Hydra's sweepers (Optuna)."""
     return main_guard(train_objective, cfg)
+
+
+def main() -> None:
+    """The command-line checks Hydra cannot make well (output directory, overrides), then the Hydra app."""
+    try:
+        check_command_line("train", sys.argv[1:])
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    _main()
 
 
 if __name__ == "__main__":

@@ -78,3 +78,53 @@ GOOD = [[], ["method=luser_sw"], ["method=mtdeq", "task=multitask"], ["method=tv
 @pytest.mark.parametrize("overrides", GOOD, ids=[" ".join(g) or "defaults" for g in GOOD])
 def test_the_shipped_configs_and_valid_values_pass(overrides, tmp_path):
     check_run_config(compose_cfg("train", ["logger=none", *overrides], tmp_path))
+
+
+def _command_line_error(config: str, argv: list[str]) -> str:
+    from jfb_ip.lit.validate import check_command_line
+
+    with pytest.raises(ConfigError) as e:
+        check_command_line(config, argv)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("config,argv,named", [
+    # output directories that cannot be made
+    ("train", ["hydra.run.dir=/proc/jfb_ip_run"], "hydra.run.dir=/proc/jfb_ip_run: the output directory cannot be made"),
+    ("train", ["hydra.run.dir=/dev/null/run"], "hydra.run.dir=/dev/null/run: the output directory cannot be made"),
+    ("train", ["-m", "hydra.sweep.dir=/dev/null/sweep"], "hydra.sweep.dir=/dev/null/sweep: the output directory"),
+    ("train", ["paths.output_dir={file}"], "a file is there, not a directory"),
+    ("train", ["hydra.run.dir={file}/run"], "the output directory cannot be made"),
+    # evaluate.py with a checkpoint: the model is the checkpoint's; data.* and solver.* need their group
+    ("evaluate", ["ckpt_path=x.ckpt", "method.net.width=16"], "method.net.width=16: evaluate.py with ckpt_path= takes "
+                                                              "the method, task and backward mode from the checkpoint"),
+    ("evaluate", ["ckpt_path=x.ckpt", "task=inpaint"], "task=inpaint: evaluate.py with ckpt_path= takes"),
+    ("evaluate", ["ckpt_path=x.ckpt", "+backward.neumann_k=3"], "+backward.neumann_k=3: evaluate.py with ckpt_path="),
+    ("evaluate", ["ckpt_path=x.ckpt", "data.image_size=24"], "data.image_size=24: evaluate.py with ckpt_path= takes "
+                                                             "data.* only with a data group"),
+    ("evaluate", ["ckpt_path=x.ckpt", "solver.max_iter=200"], "e.g. solver=anderson solver.max_iter=200"),
+])
+def test_a_bad_command_line_is_refused_before_hydra_composes(config, argv, named, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    argv = [a.replace("{file}", str(tmp_path / "file")) for a in argv]
+    message = _command_line_error(config, argv)
+    assert named.replace("{file}", str(tmp_path / "file")) in message and "\n" not in message, message
+
+
+def test_the_command_lines_evaluate_takes_with_a_checkpoint_pass(tmp_path):
+    from jfb_ip.lit.validate import check_command_line
+
+    check_command_line("evaluate", ["ckpt_path=x.ckpt", "data=folder", "data.root=/d", "data.image_size=24",
+                                    "solver=anderson", "solver.max_iter=200", "seed=3", f"hydra.run.dir={tmp_path}/o"])
+    check_command_line("train", ["method.net.width=16", f"hydra.run.dir={tmp_path}/new/run"])
+    assert (tmp_path / "new" / "run").is_dir()
+
+
+@pytest.mark.integration
+def test_an_unwritable_output_directory_is_one_line_from_train_py(tmp_path):
+    from conftest import run_train
+
+    r = run_train(["hydra.run.dir=/dev/null/run"], tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["error: hydra.run.dir=/dev/null/run: the output directory cannot be made "
+                                             "(Not a directory: /dev/null/run); give a writable directory path"]

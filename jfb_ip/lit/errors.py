@@ -2,13 +2,16 @@
 others run)."""
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
@@ -33,9 +36,39 @@ class TrainingDiverged(RuntimeError):
 
 
 class JobFailed(RuntimeError):
-    """A multirun job stopped by an error a user can fix. It is logged and recorded in the job's ``metrics.json``
-    (``"error"``), then raised as an ordinary exception rather than SystemExit: Hydra's launchers catch it per job, so
-    the sweep's other jobs still run and the sweep exits with status 1 at the end."""
+    """A job of a search (``optimized_metric`` set) stopped by an error a user can fix. It is logged and recorded in
+    the job's ``metrics.json`` (``"error"``), then raised as an ordinary exception rather than SystemExit: Hydra's
+    launchers catch it per job, so the study's other trials still run."""
+
+
+class FailedJobs(Callback):
+    """A Hydra callback (conf/hydra/default.yaml): at the end of a multirun, the jobs of this sweep whose
+    ``metrics.json`` holds an ``"error"`` in one line, and exit status 1. A failed job returns normally after writing
+    its error (see :func:`main_guard`), so every launcher runs the others, and the sweep ends here instead of in
+    Hydra's traceback of the first failed job."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        started = getattr(self, "started", 0.0)
+        sweep = Path(config.hydra.sweep.dir)
+        jobs = [d for d in sweep.iterdir() if (d / ".hydra").is_dir() and (d / ".hydra").stat().st_mtime >= started] \
+            if sweep.is_dir() else []
+        failed = []
+        for job in sorted(jobs, key=lambda d: d.name):
+            metrics = job / "metrics.json"
+            try:
+                payload = json.loads(metrics.read_text())
+            except (OSError, ValueError):
+                failed.append(f"{job} (no metrics.json)")
+                continue
+            if isinstance(payload, dict) and "error" in payload and "objective" not in payload:
+                failed.append(f"{metrics} ({payload.get('error_type', 'error')})")
+        if failed:
+            sys.stderr.write(f"error: {len(failed)} of {len(jobs)} jobs failed, each with its error in its "
+                             f"metrics.json: {'; '.join(failed)}\n")
+            sys.exit(1)
 
 
 def innermost(e: BaseException) -> BaseException:
@@ -85,8 +118,8 @@ def main_guard(fn, cfg: DictConfig) -> Any:
     """Run ``fn(cfg)`` as a Hydra job: the errors a user can fix become one clear line instead of a traceback, and
     the job's wandb run is finished either way.
 
-    In a multirun a failed job writes ``metrics.json`` with ``"error"`` and raises :class:`JobFailed` so the
-    sweep goes on. In a search (``optimized_metric`` set, ``hparams_search=optuna``) a job that diverged or ran out
+    In a multirun a failed job writes ``metrics.json`` with ``"error"`` and returns, so the sweep goes on;
+    :class:`FailedJobs` names the failed jobs in one line at its end (in a search it raises :class:`JobFailed`). In a search (``optimized_metric`` set, ``hparams_search=optuna``) a job that diverged or ran out
     of memory returns the worst value for the sweeper's direction (-inf when maximizing) instead: the study records
     the trial as bad and goes on (lightning-hydra-template returns the metric the same way)."""
     try:
@@ -115,6 +148,8 @@ def main_guard(fn, cfg: DictConfig) -> Any:
             write_metrics(Path(cfg.paths.output_dir), payload)
             return payload["objective"]
         write_metrics(Path(cfg.paths.output_dir), payload)
-        raise JobFailed(message) from None
+        if cfg.get("optimized_metric"):  # a search: the sweeper must see a failed trial, not a missing value
+            raise JobFailed(message) from None
+        return None  # the sweep goes on; FailedJobs names this job at its end
     finish_wandb(exit_code=0)
     return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import os
 import typing
 from dataclasses import dataclass
 from functools import lru_cache
@@ -351,3 +352,49 @@ def check_resume(saved: dict, run: dict, path) -> list[str]:
                           f"{'; ...' if len(fixed) > 6 else ''}): resume with the checkpoint's method, task and "
                           f"data.channels (drop those overrides), or start a new run without ckpt_path")
     return [show(k) for k in changed if not within(k, RESUME_QUIET) and not within(k, RESUME_FIXED)]
+
+
+# what evaluate.py takes beside ckpt_path=: the checkpoint brings its model, task and backward mode
+EVALUATE_WITH_CHECKPOINT = ("data=<group> [data.*]", "solver=<name> [solver.*]", "seed", "trainer.*", "grid_images",
+                            "channels_last", "compile", "paths.*", "hydra.*", "logger=")
+
+
+def check_command_line(config_name: str, argv: list[str]) -> None:
+    """The command-line errors Hydra would report with a traceback or a misleading hint, caught before it composes:
+    an output directory that cannot be made (under /proc, on a file, under /dev/null), and on evaluate.py with a
+    checkpoint the overrides it cannot take (the model's keys, or data.* / solver.* without their group)."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    pairs = [(a.split("=", 1)[0], a.split("=", 1)[1]) for a in argv if "=" in a and not a.startswith("-")]
+    for key, value in pairs:
+        plain = key.lstrip("+~")
+        if plain in ("hydra.run.dir", "hydra.sweep.dir", "paths.output_dir") and value and "${" not in value:
+            used = plain == "paths.output_dir" or (plain == "hydra.sweep.dir") == multirun
+            _check_output_dir(plain, value, create=used)
+    if config_name != "evaluate" or not any(k == "ckpt_path" and v not in ("", "null") for k, v in pairs):
+        return
+    groups = {k.lstrip("+~") for k, _ in pairs}
+    for key, value in pairs:
+        plain = key.lstrip("+~")
+        top = plain.split(".", 1)[0]
+        if top in ("method", "task", "backward"):
+            raise ConfigError(f"{key}={value}: evaluate.py with ckpt_path= takes the method, task and backward mode "
+                              f"from the checkpoint, so {top} overrides are refused; it takes "
+                              f"{', '.join(EVALUATE_WITH_CHECKPOINT)}")
+        if top in ("data", "solver") and "." in plain and top not in groups:
+            example = "data=natural" if top == "data" else "solver=anderson"
+            raise ConfigError(f"{key}={value}: evaluate.py with ckpt_path= takes {top}.* only with a {top} group "
+                              f"that replaces the checkpoint's (e.g. {example} {key}={value})")
+
+
+def _check_output_dir(key: str, value: str, create: bool) -> None:
+    path = Path(value).expanduser()
+    try:
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(17, "a file is there, not a directory", str(path))
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+            if not os.access(path, os.W_OK):
+                raise PermissionError(13, "not writable", str(path))
+    except OSError as e:
+        raise ConfigError(f"{key}={value}: the output directory cannot be made ({e.strerror or e}: {e.filename or path})"
+                          f"; give a writable directory path") from None
