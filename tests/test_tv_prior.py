@@ -68,10 +68,10 @@ def test_tnrd_output_is_the_gradient_of_its_energy(padding, channels):
     """R(x) = sum_k K_k^T phi_k(K_k x) against autograd of E(x) = sum_k sum_p rho_k((K_k x)_p), with every part of
     the influence functions switched on (odd image sizes, so no symmetry hides a wrong adjoint)."""
     torch.manual_seed(1)
-    net = TNRD(channels, n_filters=2 * channels + 3, kernel_size=5, n_rbf=9, padding=padding).to(D)
+    net = TNRD(channels, n_filters=2 * channels + 3, kernel_size=5, n_knots=9, knot_range=0.3, padding=padding).to(D)
     with torch.no_grad():
-        net.rbf_weight.normal_(0, 1e-2)
-        net.sign_weight.normal_(0, 1e-2)
+        net.knot_gain.normal_(0, 10.0)
+        net.sign_gain.normal_(0, 10.0)
         net.filters.normal_(0, 0.3)
     x = torch.rand(2, channels, 11, 9, dtype=D, requires_grad=True)
     auto = torch.autograd.grad(net.energy(x).sum(), x)[0]
@@ -85,8 +85,7 @@ def test_tnrd_starts_as_smoothed_anisotropic_tv():
     torch.manual_seed(2)
     weight, eps = 2e-3, 0.05
     net = TNRD(3, n_filters=12, kernel_size=7, weight=weight, eps=eps).to(D)
-    assert torch.equal(net.sign_weight[6:], torch.zeros(6, dtype=D))
-    weight = float(net.sign_weight[0].detach())  # the float32 parameter's value of 2e-3
+    assert torch.equal(net.sign_gain[6:], torch.zeros(6, dtype=D)) and torch.equal(net.sign_gain[:6], torch.ones(6, dtype=D))
     x = torch.rand(2, 3, 10, 13, dtype=D, requires_grad=True)
 
     def aniso(z):
@@ -105,10 +104,10 @@ def test_tnrd_curvature_bounds_its_jacobian():
     """curvature() >= ||J_R(x)|| (power iteration on the Jacobian by autograd) for trained-looking weights, and is
     8 weight / eps (the smoothed TV's own bound) at initialisation."""
     net = TNRD(1, n_filters=6, kernel_size=5, weight=1e-3, eps=0.03).to(D)
-    assert abs(float(net.curvature()) / (8e-3 / 0.03) - 1) < 1e-6  # float32 weights
+    assert abs(float(net.curvature()) / (8e-3 / 0.03) - 1) < 1e-6  # float32 filters
     torch.manual_seed(3)
     with torch.no_grad():
-        net.rbf_weight.normal_(0, 1e-2)
+        net.knot_gain.normal_(0, 10.0)
         net.filters.normal_(0, 0.3)
     bound = float(net.curvature())
     for seed in range(3):
@@ -241,6 +240,6 @@ def test_tv_prior_and_tnrd_compose_and_train_from_the_config(tmp_path):
     tiny = [o for o in TINY if not o.startswith("method.net.")]
     cfg = compose_cfg("train", tiny + ["method.inject=none", "~method.net",
                                        "+method.net={_target_:jfb_ip.nets.TNRD,channels:${data.channels},n_filters:8,"
-                                       "kernel_size:3,n_rbf:5}"], tmp_path / "tnrd")
+                                       "kernel_size:3,n_knots:5}"], tmp_path / "tnrd")
     out = train(cfg)
     assert out["train"]["steps"] == 2 and math.isfinite(out["test"]["model"]["psnr"])
