@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import compose_cfg
+from conftest import TINY, compose_cfg
 from jfb_ip.lit.checks import check_run_config
 from jfb_ip.lit.errors import ConfigError
 
@@ -128,3 +128,21 @@ def test_an_unwritable_output_directory_is_one_line_from_train_py(tmp_path):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == ["error: hydra.run.dir=/dev/null/run: the output directory cannot be made "
                                              "(Not a directory: /dev/null/run); give a writable directory path"]
+
+
+def test_a_model_far_below_the_measurement_is_warned_about_not_reported_as_a_result(tmp_path):
+    """module.optimizer.lr=1e30 passes every range (a learning rate has no upper bound) and wrecks the model: the
+    run still writes its table, with a warning in the log and in metrics.json."""
+    import json
+
+    from jfb_ip.lit.run import far_below, train
+
+    out = train(compose_cfg("train", [*TINY, "module.optimizer.lr=1e30",
+                                      f"paths.output_dir={tmp_path}"], tmp_path))
+    assert out["test"]["model"]["psnr"] < out["test"]["measurement"]["psnr"] - 10
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["warnings"] == [far_below(out["test"])] and "lower module.optimizer.lr" in written["warnings"][0]
+    table = {"measurement": {"psnr": 24.0, "ssim": 0.7}, "wiener": {"psnr": 26.0, "ssim": 0.8}}
+    assert far_below({**table, "model": {"psnr": 20.5, "ssim": 0.6}}) is None  # 5.5 dB below: within 6 dB
+    assert "the wiener row's (26.00 dB)" in far_below({**table, "model": {"psnr": 19.5, "ssim": 0.6}})
+    assert far_below({**table, "model": {"psnr": float("nan"), "ssim": float("nan")}}) is not None

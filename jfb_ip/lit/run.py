@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from .checks import (UNTRAINED_METHODS, check_fresh_run_dir, check_launch, check
                      check_weight_averaging, choice, instantiate_group, train_default)
 from .errors import ConfigError, finish_wandb, hydra_mode_and_direction
 from .module import ReconstructionModule
-from .outputs import examples_png, format_table, keep_hydra_record, log_run_config, log_test_results, write_metrics
+from .outputs import (examples_png, format_table, keep_hydra_record, log_run_config, log_test_results, table_rows,
+                      write_metrics)
 from .speed import apply_speed_switches
 from .validate import check_resume
 
@@ -118,6 +120,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("test", True):
         trainer.test(module, datamodule=datamodule, verbose=False)
         payload["test"] = run.table.results
+        _warn_far_below(payload)
         if trainer.is_global_zero:  # under DDP every process holds the table of all shards; one writes it
             examples_png(run.table.examples, out_dir, cfg.grid_images)
             print("\n" + format_table(run.table.results) + "\n")
@@ -217,11 +220,38 @@ def with_forward_solver(run_cfg: DictConfig, solver: DictConfig, path: Path) -> 
     return run_cfg
 
 
+# how far below the best of the measurement and reference rows the model's test PSNR may fall before a warning
+FAR_BELOW_DB = 6.0
+
+
+def far_below(results: dict[str, Any]) -> str | None:
+    """The warning for a test table whose model is far below the measurement or a reference row (a run whose
+    training diverged still writes a table, which would otherwise read as a result), None when it is not."""
+    model = (results.get("model") or {}).get("psnr")
+    rows = {r: results[r]["psnr"] for r in table_rows(results) if r != "model" and results[r].get("psnr") is not None
+            and math.isfinite(results[r]["psnr"])}
+    if model is None or not rows:
+        return None
+    best = max(rows, key=rows.get)
+    if math.isfinite(model) and model >= rows[best] - FAR_BELOW_DB:
+        return None
+    return (f"the model's test PSNR ({model:.2f} dB) is far below the {best} row's ({rows[best]:.2f} dB): its training "
+            f"diverged or it does not fit this task; lower module.optimizer.lr and check the validation PSNR curve")
+
+
+def _warn_far_below(payload: dict[str, Any]) -> None:
+    warning = far_below(payload.get("test") or {})
+    if warning:
+        log.warning("%s", warning)
+        payload.setdefault("warnings", []).append(warning)
+
+
 def _test_and_write(cfg: DictConfig, trainer: L.Trainer, module: ReconstructionModule, datamodule, table: TestTable,
                     payload: dict[str, Any]) -> dict[str, Any]:
     """Test on the seeded test split; ``metrics.json`` (``payload`` + ``"test"``), ``examples.png``, the table."""
     trainer.test(module, datamodule=datamodule, verbose=False)
     payload["test"] = table.results
+    _warn_far_below(payload)
     out_dir = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:  # under DDP every process holds the table of all shards; one writes it
         write_metrics(out_dir, payload)
