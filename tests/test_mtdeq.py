@@ -184,9 +184,11 @@ def test_bench_multitask_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "QUICK", tiny)
     monkeypatch.setattr(bench, "TASKS", {k: bench.TASKS[k] for k in ("comp80", "sr3_n.01")})
     out = bench.main(["--quick", "--out", str(tmp_path), "data.dataset.train_samples=4"])
-    rows = json.loads((tmp_path / "multitask.json").read_text())["rows"]
+    run_dir = Path(out["run_dir"])
+    assert run_dir.parent == tmp_path / "runs"  # a new directory per bench run
+    rows = json.loads((run_dir / "multitask.json").read_text())["rows"]
     assert rows == json.loads(json.dumps(out["rows"]))
-    assert (tmp_path / "multitask.png").is_file()
+    assert (run_dir / "multitask.png").is_file()
     for task in ("comp80", "sr3_n.01"):
         got = {r["method"]: r for r in rows if r["task"] == task}
         assert {"measurement", "tv", "pnp_gauss", "pnp_mtdeq", "fb_gauss", "fb_mtdeq", "mtdeq_minus_gauss"} <= set(got)

@@ -64,7 +64,8 @@ from ..nets.dncnn import DnCNN
 from ..physics import Deblur
 from ..linalg import relative_residual
 from ..solvers import FORWARD_SOLVERS
-from .common import SavedBytes, pyplot, save_figure, write_outputs
+from .common import (SavedBytes, device, float_at_least, int_at_least, output_file, pyplot, save_figure,
+                     write_outputs)
 
 MODES = ("jfb", "implicit", "neumann", "unroll", "phantom")
 PEERS = ("torchdeq_jfb", "torchdeq_implicit", "deepinv_jfb", "deepinv_implicit")
@@ -498,30 +499,35 @@ def plot(payload, path) -> bool:
     return True
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, every value checked (argparse exits with status 2 and one line naming the argument)."""
     p = argparse.ArgumentParser(prog="python -m jfb_ip.bench.backward", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU-sized: sides 16 32, batch 4, 3 repeats, 1 thread")
-    p.add_argument("--sides", type=int, nargs="+", default=None, help="default: 16 32 ... 128")
-    p.add_argument("--batch", type=int, default=None, help="default: 16")
+    p.add_argument("--sides", type=int_at_least(1), nargs="+", default=None, help="default: 16 32 ... 128")
+    p.add_argument("--batch", type=int_at_least(1), default=None, help="default: 16")
     p.add_argument("--modes", nargs="+", default=list(MODES + PEERS), choices=MODES + PEERS)
     p.add_argument("--peer-settings", nargs="+", default=list(SETTINGS), choices=SETTINGS,
                    help="peer rows at the peers' defaults and/or matched to jfb-ip's settings (default: both)")
     p.add_argument("--no-forward", action="store_true", help="skip the forward-solver comparison")
-    p.add_argument("--repeats", type=int, default=None, help="timed steps per mode (default 5; paper: 20)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed rounds after the first (default 1; quick 0)")
-    p.add_argument("--depth", type=int, default=17)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--tol", type=float, default=1e-3)
-    p.add_argument("--max-iter", type=int, default=30)
-    p.add_argument("--neumann-k", type=int, default=5)
-    p.add_argument("--unroll-steps", type=int, default=None, help="default: --max-iter")
-    p.add_argument("--phantom-k", type=int, default=5)
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; quick: 1)")
-    p.add_argument("--json", default="outputs/bench/backward.json")
-    p.add_argument("--png", default="outputs/bench/backward.png", help="'' to skip the plot")
-    a = p.parse_args(argv)
+    p.add_argument("--repeats", type=int_at_least(1), default=None, help="timed steps per mode (default 5; paper: 20)")
+    p.add_argument("--warmup", type=int_at_least(0), default=None, help="untimed rounds after the first (default 1; quick 0)")
+    p.add_argument("--depth", type=int_at_least(2), default=17)
+    p.add_argument("--width", type=int_at_least(1), default=64)
+    p.add_argument("--tol", type=float_at_least(0.0), default=1e-3)
+    p.add_argument("--max-iter", type=int_at_least(1), default=30)
+    p.add_argument("--neumann-k", type=int_at_least(0), default=5)
+    p.add_argument("--unroll-steps", type=int_at_least(1), default=None, help="default: --max-iter")
+    p.add_argument("--phantom-k", type=int_at_least(1), default=5)
+    p.add_argument("--device", type=device, default=None)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's; quick: 1)")
+    p.add_argument("--json", type=output_file, default="outputs/bench/backward.json", help="'' to skip")
+    p.add_argument("--png", type=output_file, default="outputs/bench/backward.png", help="'' to skip the plot")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
     # quick: one thread, since two threads on a shared 2-core machine ran ~17x slower than one here
     quick = (dict(sides=[16, 32], batch=4, repeats=3, warmup=0, threads=1) if a.quick
              else dict(sides=list(range(16, 129, 16)), batch=16, repeats=5, warmup=1, threads=None))

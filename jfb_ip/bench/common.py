@@ -1,9 +1,12 @@
 """Helpers shared by the benchmarks."""
 from __future__ import annotations
 
-from pathlib import Path
-
+import argparse
 import json
+import math
+import tempfile
+from datetime import datetime
+from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -97,3 +100,108 @@ def write_outputs(payload: dict, json_path, png_path, plot) -> None:
         print(f"wrote {json_path}")
     if png_path and plot(payload, png_path):
         print(f"wrote {png_path}")
+
+
+# argparse types: a bad value ends in argparse's usage line and one "argument --x: ..." line (exit status 2), before
+# any work, instead of a traceback minutes later
+
+def int_at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def float_at_least(low: float):
+    """An argparse type: a finite number >= ``low``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low <= value < math.inf:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {low:g}, got {text!r}")
+        return value
+    return parse
+
+
+def device(text: str) -> str:
+    """An argparse type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:<index>``, ``mps``)."""
+    try:
+        d = torch.device(text)
+    except (RuntimeError, ValueError):
+        d = None
+    if d is None or d.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: cpu, cuda, cuda:<index> or mps")
+    if d.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device (use cpu)")
+        if d.index is not None and d.index >= n:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
+    return text
+
+
+def _creatable_dir(path: Path, what: str) -> None:
+    """Raise unless the directory ``path`` exists or can be created, and a file can be written in it (probed with a
+    temporary file in its nearest existing ancestor: permission bits say nothing for root or under /proc)."""
+    anchor = path.absolute()
+    while not anchor.exists():
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {what}: {anchor} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=anchor):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot write {what}: no file can be created in {anchor} ({e.strerror})") from None
+
+
+def output_file(text: str) -> str:
+    """An argparse type: a file path this process can write (its folders are created later); '' (skip) passes."""
+    if text == "":
+        return text
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file")
+    if path.exists():
+        try:
+            open(path, "ab").close()  # append mode: the file is left as it is
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"cannot write {text} ({e.strerror})") from None
+    else:
+        _creatable_dir(path.parent, text)
+    return text
+
+
+def output_dir(text: str) -> Path:
+    """An argparse type: a directory this process can create or write in."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    _creatable_dir(path, text)
+    return path
+
+
+def existing_file(text: str) -> str:
+    """An argparse type: a file that exists (a checkpoint to read)."""
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text} is a directory, not a file" if path.is_dir() else f"{text} does not exist")
+    return text
+
+
+def fresh_run_dir(parent: Path) -> Path:
+    """A new ``<parent>/runs/<timestamp>`` directory, as ``train.py`` names its runs (conf/hydra/default.yaml): every
+    bench run starts in an empty one, so a checkpoint left by a failed run is never resumed or refused."""
+    path = parent / "runs" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+    path.mkdir(parents=True)
+    return path

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from .common import int_at_least, output_dir
+
 
 # The CPU scale (default): K = 4 stages, LU-DnCNN's DnCNN at 8 layers of 32 channels (the
 # DE-GRAD default). LUSER's inner solves run at the default tolerance (1e-3, 50 iterations): with the
@@ -89,20 +91,29 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, every value checked (argparse exits with status 2 and one line naming the argument)."""
+    p = argparse.ArgumentParser(prog="python -m jfb_ip.bench.compare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per method (the shared budget)")
-    p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--out", type=Path, default=Path("outputs") / "compare")
+    p.add_argument("--steps", type=int_at_least(1), default=300, help="optimizer steps per method (the shared budget)")
+    p.add_argument("--image-size", type=int_at_least(8), default=32)
+    p.add_argument("--batch", type=int_at_least(1), default=8)
+    p.add_argument("--out", type=output_dir, default=str(Path("outputs") / "compare"))
     p.add_argument("--paper-sizes", action="store_true", help="Guan et al. [3] architectures (K=8, 17x64), for a GPU")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. task=deblur_5x5)")
     args = p.parse_args(argv)
     names = [n for n in args.methods.split(",") if n]
     unknown = set(names) - set(RUNS)
     if unknown:
-        p.error(f"unknown methods {sorted(unknown)}; choose from {list(RUNS)}")
+        p.error(f"argument --methods: unknown methods {sorted(unknown)}; choose from {list(RUNS)}")
+    args.names = names
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    names = args.names
     results = run(names, args.steps, args.image_size, args.batch, args.out, args.overrides, args.paper_sizes)
     print("\n" + table(results))
     args.out.mkdir(parents=True, exist_ok=True)

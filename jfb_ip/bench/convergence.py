@@ -126,20 +126,36 @@ def plot(payload: dict, path) -> bool:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line, every value checked (argparse exits with status 2 and one line naming the argument)."""
+    """The command line, every value checked (argparse exits with status 2 and one line naming the argument).
+    Hydra overrides (``key=value``) may follow ``--methods`` or ``--ckpt`` directly."""
+    valid = sorted(f.stem for f in (config_dir() / "method").glob("*.yaml"))
     p = argparse.ArgumentParser(prog="python -m jfb_ip.bench.convergence", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", nargs="*", default=None, choices=sorted(f.stem for f in (config_dir() / "method").glob("*.yaml")),
-                   metavar="METHOD", help=f"method configs (default: {' '.join(FIXED_POINT_METHODS)}; one without a "
-                                          f"fixed point is skipped)")
-    p.add_argument("--ckpt", nargs="*", type=existing_file, default=[],
-                   help="checkpoints to check (their own config and data)")
+    p.add_argument("--methods", nargs="*", default=None, metavar="METHOD",
+                   help=f"method configs (default: {' '.join(FIXED_POINT_METHODS)}; one without a fixed point is "
+                        f"skipped)")
+    p.add_argument("--ckpt", nargs="*", default=[], help="checkpoints to check (their own config and data)")
     p.add_argument("--images", type=int_at_least(1), default=8)
     p.add_argument("--image-size", type=int_at_least(8), default=48)
     p.add_argument("--json", type=output_file, default=None)
     p.add_argument("--png", type=output_file, default="outputs/bench/convergence.png", help="'' to skip the plot")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every method config")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    # nargs="*" options take the overrides after them too
+    taken = [v for v in (a.methods or []) + a.ckpt if "=" in v]
+    a.overrides = taken + a.overrides
+    a.ckpt = [v for v in a.ckpt if "=" not in v]
+    if a.methods is not None:
+        a.methods = [v for v in a.methods if "=" not in v]
+        unknown = [m for m in a.methods if m not in valid]
+        if unknown:
+            p.error(f"argument --methods: invalid choice(s) {unknown} (choose from {', '.join(valid)})")
+    for path in a.ckpt:
+        try:
+            existing_file(path)
+        except argparse.ArgumentTypeError as e:
+            p.error(f"argument --ckpt: {e}")
+    return a
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 from .. import config_dir
 from ..nets import count_parameters
-from .common import SavedBytes, compose_train, pyplot, save_figure, write_outputs
+from .common import (SavedBytes, compose_train, device, int_at_least, output_file, pyplot, save_figure,
+                     write_outputs)
 
 CONF = config_dir()
 # name -> (method config, backward config or None for the method's own, what the sweep varies)
@@ -215,7 +216,16 @@ def plot(payload, path) -> bool:
     return True
 
 
-def main(argv=None) -> dict:
+def task_channels(task: str) -> int | None:
+    """The channel count a task config fixes (the gray tasks: 1), or None (the data's: an interpolation)."""
+    from omegaconf import OmegaConf
+
+    channels = OmegaConf.to_container(OmegaConf.load(CONF / "task" / f"{task}.yaml")).get("channels")
+    return channels if isinstance(channels, int) else None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, every value checked (argparse exits with status 2 and one line naming the argument)."""
     p = argparse.ArgumentParser(prog="python -m jfb_ip.bench.memory", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="CPU-sized run: 32x32, K 2 4 8, N 10 50 100, batches 1 2, 1 thread")
@@ -223,20 +233,32 @@ def main(argv=None) -> dict:
     p.add_argument("--tasks", nargs="+", default=["deblur"], choices=available_tasks(),
                    help="default: deblur (memory in Table 3 of Guan et al. [3] does not depend on the "
                         "operator); the gray tasks (ct, mri4x, mri8x) need --channels 1")
-    p.add_argument("--stages", type=int, nargs="+", default=None, help="K for lu_dncnn/luser_dw (default 2 4 8 16)")
-    p.add_argument("--iters", type=int, nargs="+", default=None, help="N for degrad (default 10 25 50 75 100)")
-    p.add_argument("--image-size", type=int, default=None, help="default 128 (Guan et al. [3]), quick 32")
-    p.add_argument("--channels", type=int, default=3)
-    p.add_argument("--batches", type=int, nargs=2, default=None, help="the two fitted batch sizes (default 2 4)")
+    p.add_argument("--stages", type=int_at_least(1), nargs="+", default=None, help="K for lu_dncnn/luser_dw (default 2 4 8 16)")
+    p.add_argument("--iters", type=int_at_least(1), nargs="+", default=None, help="N for degrad (default 10 25 50 75 100)")
+    p.add_argument("--image-size", type=int_at_least(8), default=None, help="default 128 (Guan et al. [3]), quick 32")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3)
+    p.add_argument("--batches", type=int_at_least(1), nargs=2, default=None,
+                   help="the two fitted batch sizes, b1 < b2 (default 2 4)")
     p.add_argument("--paper-sizes", action=argparse.BooleanOptionalAction, default=None,
                    help="degrad's DnCNN at 17x64 as DEQ4IP (default: on, off with --quick: the config's)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--device", type=device, default=None)
+    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="torch CPU threads (default: torch's; --quick on CPU: 1, small convs crawl on busy cores)")
-    p.add_argument("--json", default="outputs/bench/memory.json")
-    p.add_argument("--png", default="outputs/bench/memory.png", help="'' to skip the plot")
+    p.add_argument("--json", type=output_file, default="outputs/bench/memory.json", help="'' to skip")
+    p.add_argument("--png", type=output_file, default="outputs/bench/memory.png", help="'' to skip the plot")
     a = p.parse_args(argv)
+    if a.batches is not None and a.batches[0] >= a.batches[1]:
+        p.error(f"argument --batches: the two batch sizes must increase (b1 < b2), got {a.batches[0]} {a.batches[1]}")
+    gray = {t: c for t in a.tasks if (c := task_channels(t)) is not None and c != a.channels}
+    if gray:
+        p.error(f"argument --channels: {a.channels} channels, but task(s) {sorted(gray)} take "
+                f"{sorted(set(gray.values()))} (give --channels 1 for the gray tasks, and run them apart)")
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
     if a.threads or (a.quick and (a.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"):
         torch.set_num_threads(a.threads or 1)  # the counted bytes do not depend on it
     defaults = (dict(stages=[2, 4, 8], iters=[10, 50, 100], image_size=32, batches=[1, 2], paper_sizes=False)

@@ -6,7 +6,8 @@
 1. Trains (or loads: ``--denoiser-ckpt``) the noise-conditioned UNet as a Gaussian denoiser (``method=denoiser
    task=denoise``), then trains (or loads: ``--mtdeq-ckpt``) the MTDEQ prior (``method=mtdeq task=multitask``,
    [4] Alg. 1) initialised from that denoiser, as §III-B of [4] does ("pre-trained as a Gaussian
-   denoiser"); both through ``train.py``'s code path, each in its own run directory under ``--out``.
+   denoiser"); both through ``train.py``'s code path, each in its own run directory inside the bench run's new
+   ``<--out>/runs/<timestamp>/``.
 2. Evaluates on the held-out embedded test crops the tasks of Tables I-II of [4]: completion with 80% and 90%
    of the pixels dropped (no noise), Gaussian deblurring with blur std 1.6 and 2.0 (noise 0.01), bicubic
    super-resolution x2 and x3 (noise 0 and 0.01). Rows: TV (its lambda tuned on the validation crops), PnP-ADMM
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -31,7 +31,8 @@ import torch
 
 from ..lit.calibration import psnr_score
 from ..lit.run import build_module, train
-from .common import compose_train, module_groups, pyplot, save_figure, seeded_split_batch, write_outputs
+from .common import (compose_train, existing_file, fresh_run_dir, module_groups, output_dir, output_file, pyplot,
+                     save_figure, seeded_split_batch, write_outputs)
 
 # Tables I-II of [4]: name -> task overrides (the blur kernel: 15 x 15, as task=multitask's, +-3.5 std at 2.0;
 # completion starts from y with its dropped pixels at 0, as MTDEQ was trained, whatever task=inpaint's default init)
@@ -74,8 +75,8 @@ QUICK = {"denoiser_steps": 1500, "mtdeq_steps": 160, "degrad_steps": 0, "train_s
 
 
 def run(overrides: list[str], run_dir: Path) -> dict:
-    """One ``train.py`` run in this process (its run directory ``run_dir``, started afresh) -> metrics.json."""
-    shutil.rmtree(run_dir, ignore_errors=True)  # a run directory holding last.ckpt would be resumed
+    """One ``train.py`` run in this process (its run directory ``run_dir``, new: inside :func:`fresh_run_dir`'s
+    directory of this bench run) -> metrics.json."""
     cfg = compose_train([*overrides, "logger=csv", "trainer.enable_progress_bar=false", f"paths.output_dir={run_dir}",
                          "trainer.check_val_every_n_epoch=1000"])  # validated once, at the end
     return train(cfg)
@@ -226,21 +227,31 @@ def plot(payload: dict, path) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, every value checked (argparse exits with status 2 and one line naming the argument)."""
+    p = argparse.ArgumentParser(prog="python -m jfb_ip.bench.multitask", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the CPU smoke budget (under 20 min on 2 cores); no DE-GRAD")
-    p.add_argument("--denoiser-ckpt", default=None, help="a method=denoiser checkpoint instead of training one")
-    p.add_argument("--mtdeq-ckpt", default=None, help="a method=mtdeq checkpoint instead of training one")
+    p.add_argument("--denoiser-ckpt", type=existing_file, default=None, help="a method=denoiser checkpoint instead of training one")
+    p.add_argument("--mtdeq-ckpt", type=existing_file, default=None, help="a method=mtdeq checkpoint instead of training one")
     p.add_argument("--no-degrad", action="store_true", help="leave out the DE-GRAD rows (one training per task)")
-    p.add_argument("--out", type=Path, default=Path("outputs") / "bench_multitask")
-    p.add_argument("--json", default=None, help="default: <out>/multitask.json")
-    p.add_argument("--png", default=None, help="default: <out>/multitask.png")
+    p.add_argument("--out", type=output_dir, default=str(Path("outputs") / "bench_multitask"),
+                   help="each run writes its trainings, evaluations and results to a new <out>/runs/<timestamp>/")
+    p.add_argument("--json", type=output_file, default=None, help="default: <out>/runs/<timestamp>/multitask.json")
+    p.add_argument("--png", type=output_file, default=None, help="default: <out>/runs/<timestamp>/multitask.png")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. data=folder data.root=<dir>)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     b = QUICK if args.quick else FULL
+    # a new directory per run: a failed run's checkpoints (on_exception.ckpt) are never resumed or refused by the next
+    out = fresh_run_dir(args.out)
+    print(f"outputs: {out}", flush=True)
     t0 = time.perf_counter()
-    ckpts = train_priors(b, args.out, args.overrides, args.denoiser_ckpt, args.mtdeq_ckpt)
-    rows = evaluate_rows(b, args.out, args.overrides, ckpts, degrad=not (args.quick or args.no_degrad))
+    ckpts = train_priors(b, out, args.overrides, args.denoiser_ckpt, args.mtdeq_ckpt)
+    rows = evaluate_rows(b, out, args.overrides, ckpts, degrad=not (args.quick or args.no_degrad))
     wall = time.perf_counter() - t0
     print("\n" + table(rows) + "\n")
     gains = [r["psnr"] for r in rows if r["method"] == "mtdeq_minus_gauss"]
@@ -249,9 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"ahead (Willingham et al. [4]: +0.28 .. +1.00 dB, every task)")
     print(f"wall time {wall:.0f} s")
     payload = {"rows": rows, "budget": b, "quick": args.quick, "wall_time_s": wall, "overrides": args.overrides,
-               **{k: v for k, v in ckpts.items()}}
-    write_outputs(payload, args.json or str(args.out / "multitask.json"), args.png or str(args.out / "multitask.png"),
-                  plot)
+               "run_dir": str(out), **{k: v for k, v in ckpts.items()}}
+    write_outputs(payload, args.json or str(out / "multitask.json"), args.png or str(out / "multitask.png"), plot)
     return payload
 
 
