@@ -32,7 +32,7 @@ def compose_cfg(config_name: str, overrides: list[str], out_dir: Path):
 
 
 # The smallest real run: 2 steps on 16x16 crops with a 3-layer net and few solver iterations.
-TINY_ANY_DATA = ["trainer=fast", "logger=none", "data.image_size=16", "data.batch_size=4", "data.eval_batch_size=4",
+TINY_ANY_DATA = ["debug=smoke", "logger=none", "data.image_size=16", "data.batch_size=4", "data.eval_batch_size=4",
                  "method.net.depth=3", "method.net.width=8", "solver.max_iter=5", "task.kernel_size=5"]
 TINY = TINY_ANY_DATA + ["data.dataset.train_samples=8", "data.dataset.eval_crops=4"]
 

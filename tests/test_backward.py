@@ -158,7 +158,7 @@ def test_multirun_over_backward_modes(tmp_path):
     # inject=none: with the default anchor, N = z0 + tanh(g) net(...) has g = 0 at the start, so the network gets no
     # gradient in the first step and Adam moves g by lr * sign(grad) alike in every mode: two steps could not tell
     # the modes apart
-    overrides = [o for o in TINY if not o.startswith("trainer=")] + ["trainer=fast", "method.inject=none"]
+    overrides = [o for o in TINY if not o.startswith("debug=")] + ["debug=smoke", "method.inject=none"]
     r = subprocess.run([sys.executable, "train.py", "-m", "backward=jfb,implicit,neumann,unroll", *overrides,
                         f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]

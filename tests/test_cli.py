@@ -26,7 +26,7 @@ def test_wiener_method_trains_nothing_and_matches_the_wiener_row(tmp_path):
 def test_overfit_one_batch_drives_the_loss_down(tmp_path):
     """debug=overfit: on one repeated batch with fixed noise the training loss must fall well below
     its start (measured: 0.0051 -> 0.0015 in 150 steps of the tiny DE-GRAD; a wrong gradient stalls it)."""
-    overrides = TINY + ["debug=overfit", "logger=csv", "test=false"]
+    overrides = [o for o in TINY if not o.startswith("debug=")] + ["debug=[smoke,overfit]", "logger=csv", "test=false"]
     train(compose_cfg("train", overrides, tmp_path))
     import csv
 

@@ -229,7 +229,7 @@ def test_luser_experiments_set_the_papers_sizes(task, size, tmp_path):
 def test_luser_ct_with_deq4ip_trains_on_a_folder_when_shrunk(tmp_path, image_folder):
     """The full-size experiment's wiring (folder data, adjoint-initialised CT, DEQ4IP with BatchNorm inside
     the equilibrium) runs end to end on CPU once its sizes are overridden down."""
-    cfg = compose_cfg("train", [f"experiment=[luser_ct,deq4ip]", f"data.root={image_folder}", "trainer=fast",
+    cfg = compose_cfg("train", [f"experiment=[luser_ct,deq4ip]", f"data.root={image_folder}", "debug=smoke",
                                 "trainer.max_steps=2", "logger=none", "data.image_size=16", "data.num_workers=0",
                                 "method.net.depth=3",
                                 "method.net.width=8", "task.n_angles=12", "solver.max_iter=5"], tmp_path)

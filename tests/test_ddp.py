@@ -24,7 +24,7 @@ from jfb_ip.methods import Wiener
 # at this size each shard alone would pick another Wiener lambda than the whole split (checked below)
 DATA = ["data.image_size=20", "data.batch_size=2", "data.eval_batch_size=2", "data.dataset.train_samples=8",
         "data.dataset.eval_crops=5"]
-OVERRIDES = [o for o in TINY if not o.startswith(("trainer=", "data."))] + DATA
+OVERRIDES = [o for o in TINY if not o.startswith(("debug=", "data."))] + DATA
 DDP_TRAIN = ["trainer=ddp_sim", "trainer.max_steps=2", "trainer.check_val_every_n_epoch=1",
              "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"]
 

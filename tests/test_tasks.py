@@ -238,7 +238,7 @@ def test_implicit_backward_on_mri_then_evaluate_on_gray_folder(tmp_path, image_f
     out = train(compose_cfg("train", overrides, tmp_path / "run"))
     assert out["config"]["backward"]["mode"] == "implicit" and out["train"]["steps"] == 2
     assert math.isfinite(out["test"]["model"]["psnr"])
-    cfg = compose_cfg("evaluate", [f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "trainer=fast",
+    cfg = compose_cfg("evaluate", [f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "debug=smoke",
                                    "data=folder", f"data.root={image_folder}", "data.image_size=16",
                                    "data.channels=1", "data.num_workers=0"], tmp_path / "eval")
     res = evaluate(cfg)

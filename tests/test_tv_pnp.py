@@ -409,7 +409,7 @@ def test_evaluate_pnp_admm_without_checkpoint_on_a_folder(png_folder, tmp_path, 
 
 def test_evaluate_wiener_without_checkpoint_equals_train_py(tmp_path):
     """The same seeded val/test measurements as train.py method=wiener (which tunes on val, then tests)."""
-    tiny = [o for o in TINY if not o.startswith(("method.", "solver.", "trainer", "logger"))]
+    tiny = [o for o in TINY if not o.startswith(("method.", "solver.", "debug", "logger"))]
     (tmp_path / "t").mkdir(), (tmp_path / "e").mkdir()
     trained = train(compose_cfg("train", tiny + ["method=wiener", "logger=none", "trainer=cpu"], tmp_path / "t"))
     data = [o for o in tiny if o.startswith(("data.", "task."))]

@@ -17,7 +17,7 @@ from ..data.sampling import derived_seed
 from ..methods import CalibratedMethod, Method, Reconstruction
 from ..physics import Task
 from ..solvers import SolverStats
-from .calibration import FirstBatchCalibration, calibrate_end, image_metrics, psnr_score
+from .calibration import FirstBatchCalibration, calibrate_end, psnr_score
 from .checkpointing import schedule_from_config
 from .distributed import distributed, sum_over_processes
 from .errors import TrainingDiverged
