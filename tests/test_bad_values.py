@@ -9,6 +9,8 @@ import pytest
 from conftest import TINY, compose_cfg
 from jfb_ip.lit.checks import check_run_config
 from jfb_ip.lit.errors import ConfigError
+from jfb_ip.nets import DnCNN
+from jfb_ip.physics import Deblur, Inpaint
 
 BAD = [
     # strings that read as booleans turn nothing on
@@ -146,3 +148,16 @@ def test_a_model_far_below_the_measurement_is_warned_about_not_reported_as_a_res
     assert far_below({**table, "model": {"psnr": 20.5, "ssim": 0.6}}) is None  # 5.5 dB below: within 6 dB
     assert "the wiener row's (26.00 dB)" in far_below({**table, "model": {"psnr": 19.5, "ssim": 0.6}})
     assert far_below({**table, "model": {"psnr": float("nan"), "ssim": float("nan")}}) is not None
+
+
+@pytest.mark.parametrize("build,named", [
+    (lambda: DnCNN(spectral_norm=True, gamma=0.0), "gamma=0.0"),
+    (lambda: DnCNN(spectral_norm=True, gamma=float("nan")), "gamma=nan"),
+    (lambda: DnCNN(width=0), "width=0"),
+    (lambda: DnCNN(depth=2.5), "depth=2.5"),
+    (lambda: Deblur(noise_std=-0.1), "noise_std=-0.1"),
+    (lambda: Inpaint(noise_std=float("inf")), "noise_std=inf"),
+])
+def test_the_python_api_refuses_the_same_values_at_construction(build, named):
+    with pytest.raises(ValueError, match=named):
+        build()

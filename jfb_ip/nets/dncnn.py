@@ -1,6 +1,8 @@
 """DnCNN (Zhang et al. 2017) as used in Liu et al. [1] §5.1 and Guan et al. [3] §4.1."""
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
@@ -31,6 +33,9 @@ def lipschitz_conv(conv: nn.Conv2d, gamma: float, mode: str = "kernel") -> nn.Co
     """
     if mode not in NORM_MODES:
         raise ValueError(f"norm mode must be one of {NORM_MODES}, got {mode!r}")
+    if not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and 0 < gamma < math.inf):
+        # gamma = 0 would zero every normalised conv, a negative one flip it, NaN poison it
+        raise ValueError(f"gamma={gamma!r}: the normalised convs' scale gamma must be a finite number > 0")
     if mode == "operator":
         return operator_norm_conv(conv, gamma)
     conv = _spectral_norm(conv)
@@ -68,8 +73,10 @@ class DnCNN(nn.Module):
                  residual: bool = False, bias: bool = True, norm_mode: str = "kernel", padding_mode: str = "zeros",
                  dilations: list[int] | None = None):
         super().__init__()
-        if depth < 2:
-            raise ValueError(f"DnCNN: depth must be >= 2, got {depth}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
+            raise ValueError(f"DnCNN: depth={depth!r} must be an integer >= 2")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"DnCNN: width={width!r} must be an integer >= 1")
         if norm_mode not in NORM_MODES:
             raise ValueError(f"DnCNN: norm_mode must be one of {NORM_MODES}, got {norm_mode!r}")
         out_channels = out_channels or in_channels

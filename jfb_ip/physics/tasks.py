@@ -59,9 +59,25 @@ class Task:
     name = "task"
     channels: int | None = None
     suggested_data: str | None = None
-    noise_std: float = 0.0
+    _noise_std: float = 0.0
     # training problems posed per clean image (Willingham et al.'s [4] N; the module repeats the images, see MultiTask)
     problems_per_image: int = 1
+
+    @property
+    def noise_std(self) -> float:
+        return self._noise_std
+
+    @noise_std.setter
+    def noise_std(self, value) -> None:
+        """Refused unless a finite number >= 0: a negative std would be used as its absolute value, NaN or inf
+        would make every measurement non-finite and every sample count as diverged."""
+        try:
+            v = math.nan if isinstance(value, (bool, str)) else float(value)
+        except (TypeError, ValueError):
+            v = math.nan
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{type(self).__name__}: noise_std={value!r} must be a finite number >= 0")
+        self._noise_std = v
 
     def operator(self, x: Tensor, generator=None, seeds: Tensor | None = None):  # pragma: no cover - abstract
         raise NotImplementedError
