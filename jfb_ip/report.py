@@ -53,9 +53,28 @@ def _overrides(run: Path) -> list[str]:
     return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
 
 
-def load_run(run: Path) -> dict[str, Any]:
-    """One run's metrics.json with the Hydra choices and overrides that made it."""
-    metrics = json.loads((run / "metrics.json").read_text())
+def read_metrics(run: Path) -> dict[str, Any] | None:
+    """A run's metrics.json, or None after one warning line on stderr naming the run when it is not a JSON object
+    (a job killed while writing it, or another file under that name): the report goes on without that run."""
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = f"not valid JSON: {e.msg}" if isinstance(e, json.JSONDecodeError) else f"unreadable: {e}"
+        print(f"warning: skipped the run {run}: its metrics.json is {why}", file=sys.stderr)
+        return None
+    if not isinstance(metrics, dict):
+        print(f"warning: skipped the run {run}: its metrics.json holds a {type(metrics).__name__}, not an object",
+              file=sys.stderr)
+        return None
+    return metrics
+
+
+def load_run(run: Path) -> dict[str, Any] | None:
+    """One run's metrics.json with the Hydra choices and overrides that made it; None if that file is unreadable
+    (see :func:`read_metrics`)."""
+    metrics = read_metrics(run)
+    if metrics is None:
+        return None
     hydra_yaml = run / ".hydra" / "hydra.yaml"
     choices = dict(OmegaConf.load(hydra_yaml).hydra.runtime.choices) if hydra_yaml.is_file() else {}
     config = metrics.get("config") or {}
@@ -266,11 +285,18 @@ def report(paths: list[Path], out: Path | None = None, command: str | None = Non
     run_dirs = find_runs(paths)
     if not run_dirs:
         raise FileNotFoundError(f"no finished runs (metrics.json beside .hydra/) under {', '.join(map(str, paths))}")
-    rows, failed = build_rows([load_run(d) for d in run_dirs])
+    runs = [r for r in map(load_run, run_dirs) if r is not None]
+    if not runs:
+        raise ValueError(f"none of the {len(run_dirs)} run(s) under {', '.join(map(str, paths))} has a readable "
+                         f"metrics.json")
+    rows, failed = build_rows(runs)
     table = markdown(rows, failed)
     command = command or "python -m jfb_ip.report " + " ".join(map(str, paths))
-    block = f"Made by `{command}` at commit {git_commit()} from {len(run_dirs)} run(s).\n\n{table}\n"
-    res = {"rows": rows, "failed": failed, "markdown": table, "block": block, "files": []}
+    skipped = len(run_dirs) - len(runs)
+    block = (f"Made by `{command}` at commit {git_commit()} from {len(runs)} run(s)"
+             + (f" ({skipped} with an unreadable metrics.json left out)" if skipped else "") + f".\n\n{table}\n")
+    res = {"rows": rows, "failed": failed, "markdown": table, "block": block, "files": [],
+           "skipped": sorted(set(run_dirs) - {r["dir"] for r in runs})}
     if files:
         out = out or (paths[0] / "report")
         out.mkdir(parents=True, exist_ok=True)

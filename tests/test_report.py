@@ -80,6 +80,39 @@ def test_report_lists_a_failed_job_and_a_varying_override(tiny_sweep, tmp_path, 
     assert settings == ["", "", "module.optimizer.lr=0.01"]
 
 
+def _run_dir(root, name: str, metrics_text: str):
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / "metrics.json").write_text(metrics_text)
+    return run
+
+
+def test_a_run_with_an_unreadable_metrics_json_is_skipped_with_one_warning(tmp_path, capsys):
+    good = {"config": {"seed": 0}, "test": {"model": {"psnr": 30.5, "ssim": 0.8}}}
+    _run_dir(tmp_path, "good", json.dumps(good))
+    truncated = _run_dir(tmp_path, "truncated", json.dumps(good)[:25])  # a job killed while writing it
+    listed = _run_dir(tmp_path, "listed", "[1, 2]")
+    assert main([str(tmp_path), "--out", str(tmp_path / "rep")]) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "JSONDecodeError" not in err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2 and len(err.strip().splitlines()) == 2, err
+    assert f"skipped the run {truncated}: its metrics.json is not valid JSON" in warnings[1]
+    assert f"skipped the run {listed}: its metrics.json holds a list" in warnings[0]
+    res = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert [row["psnr"] for row in res["rows"]] == [30.5]
+    assert "(2 with an unreadable metrics.json left out)" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_a_report_without_one_readable_run_ends_in_one_line(tmp_path, capsys):
+    _run_dir(tmp_path, "truncated", '{"test": {"model": {"psnr": 3')
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "none of the 1 run(s)" in err.splitlines()[-1]
+
+
 def test_report_on_a_directory_without_runs_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
