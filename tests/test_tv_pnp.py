@@ -307,6 +307,59 @@ def test_tv_capped_solve_is_reported_as_not_converged():
     assert stats.iterations.tolist() == [3] and not stats.converged.any() and stats.residual.item() > 1e-12
 
 
+def test_tv_denoising_of_a_step_matches_the_one_dimensional_closed_form():
+    """An image constant along its rows is a stack of 1-D signals, and isotropic TV is then the 1-D TV of each column.
+    1-D TV denoising of a step a (n1 samples) / b (n2 samples), a - b > lam (1/n1 + 1/n2), has the closed form
+    u = a - lam / n1 on the first part, b + lam / n2 on the second (the jump shrinks, the mean stays)."""
+    n1, n2, W, a, b, lam = 5, 7, 6, 0.9, 0.2, 0.3
+    f = torch.cat([torch.full((n1,), a), torch.full((n2,), b)]).to(F64)
+    y = f[None, None, :, None].expand(2, 1, n1 + n2, W).clone()
+    meas = Measurement(y=y, physics=Identity(), sigma=torch.zeros(2, dtype=F64), x_shape=y.shape)
+    x, stats = tv_solve(meas, lam, tol=1e-9, max_iter=20000)
+    assert stats.converged.all()
+    u = torch.cat([torch.full((n1,), a - lam / n1), torch.full((n2,), b + lam / n2)]).to(F64)
+    assert torch.allclose(x, u[None, None, :, None].expand_as(x), atol=1e-6)
+
+
+def test_tv_residual_is_the_stopping_rule_and_a_capped_sample_is_not_converged():
+    """Per sample: converged exactly when the reported residual is under tol; a sample that ran max_iter without
+    reaching it is reported not converged; a looser tol stops no later."""
+    shape = (3, 1, 12, 12)
+    meas = _meas(OPS["inpaint"](shape), shape, noise=0.05)
+    x, stats = tv_solve(meas, 1e-2, tol=1e-3, max_iter=2000)
+    assert torch.equal(stats.converged, stats.residual < 1e-3) and stats.converged.all()
+    capped_at = int(stats.iterations.min()) - 1
+    _, capped = tv_solve(meas, 1e-2, tol=1e-3, max_iter=capped_at)
+    assert (capped.iterations == capped_at).all() and not capped.converged.any() and (capped.residual >= 1e-3).all()
+    _, loose = tv_solve(meas, 1e-2, tol=1e-2, max_iter=2000)
+    assert (loose.iterations <= stats.iterations).all()
+
+
+def test_tv_warm_start_from_wiener_reaches_the_same_minimum():
+    shape = (2, 1, 12, 12)
+    meas = _meas(OPS["inpaint"](shape), shape, noise=0.02)
+    cold, _ = tv_solve(meas, 3e-3, tol=1e-6, max_iter=20000)
+    warm = TV(lam=3e-3, lambda_grid=[], tol=1e-6, max_iter=20000, warm_start="wiener")(meas)
+    assert warm.stats.converged.all() and (warm.x - cold).norm() / cold.norm() < 1e-3
+
+
+def test_tv_weight_search_finds_the_peak_of_a_unimodal_score():
+    """The hill-climbing search of jfb_ip.bench.tv_weights on a score whose peak is known (a PSNR that falls off
+    quadratically in log10 lam around 10^-1.625): it returns the peak on the eighth-decade grid."""
+    from jfb_ip.bench.tv_weights import search
+    from jfb_ip.lit.calibration import psnr_score
+
+    x = torch.full((1, 1, 16, 16), 0.5)
+    peak = -1.625
+
+    def solve(lam, x0):  # an error growing with the distance to the peak, so PSNR peaks there
+        return x + 1e-3 * (1 + (math.log10(lam) - peak) ** 2)
+
+    best, scores = search(solve, x)
+    assert best == pytest.approx(peak) and len(scores) <= 12
+    assert max(scores, key=scores.get) == pytest.approx(peak) and psnr_score(solve(10 ** best, None), x) > 0
+
+
 def test_tv_on_a_multitask_batch_equals_per_part_solves():
     task = MultiTask()
     x = torch.rand(5, 3, 24, 24, dtype=torch.float64)
@@ -346,7 +399,8 @@ def test_tv_method_tunes_lambda_on_validation_only_and_refuses_options():
     from jfb_ip.lit.calibration import psnr_score
 
     method.calibrate_update(meas, x, psnr_score)
-    scores = [psnr_score(tv_solve(meas, lam, tol=1e-3)[0], x).sum().item() for lam in method.lambda_grid]
+    scores = [psnr_score(tv_solve(meas, lam, tol=1e-3, max_iter=method.max_iter)[0], x).sum().item()
+              for lam in method.lambda_grid]
     assert method.scores.tolist() == pytest.approx(scores)
     method.calibrate_end()
     assert method.lam.item() == pytest.approx(method.lambda_grid[max(range(3), key=scores.__getitem__)])
@@ -437,7 +491,8 @@ def test_evaluate_without_checkpoint_refuses_what_it_cannot_run(tmp_path, png_fo
     write_images(no_val / "test", 2, (20, 20))
     folder = ["method=tv", "task=deblur", "task.kernel_size=5", "data=folder", f"data.root={no_val}", *EVAL_SMALL,
               "method.max_iter=20"]
-    msg = _guarded(compose_cfg("evaluate", folder, tmp_path))
+    # a search asked for (the task's stored weight set aside)
+    msg = _guarded(compose_cfg("evaluate", folder + ["method.lambda_grid=null"], tmp_path))
     assert "chooses its weight on the validation split, never on test" in msg and "method.lambda_grid=[]" in msg
     out = evaluate(compose_cfg("evaluate", folder + ["method.lambda_grid=[]", "method.lam=0.003"], tmp_path / "nv"))
     assert out["test"]["n_images"] == 2 and out["test"]["wiener_lambda_tuned_on_val"] is False
