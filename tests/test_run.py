@@ -31,7 +31,7 @@ def trained(tmp_path_factory):
 
 def test_evaluate_reproduces_the_test_numbers(trained, tmp_path):
     run_dir, payload = trained
-    cfg = compose_cfg("evaluate", [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer=fast",
+    cfg = compose_cfg("evaluate", [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "debug=smoke",
                                    "trainer.limit_test_batches=null"], tmp_path)
     out = evaluate(cfg)
     for row in ("measurement", "wiener", "model"):
@@ -42,10 +42,28 @@ def test_evaluate_reproduces_the_test_numbers(trained, tmp_path):
     assert set(saved["test"]) >= {"measurement", "wiener", "model"}
 
 
+def test_a_checkpoint_holding_the_wiener_row_in_the_module_state_evaluates_the_same(trained, tmp_path):
+    """A checkpoint that keeps the Wiener reference row inside the module (state ``wiener.*``, config
+    ``module.wiener_prior``, no callback state) tests as the same run does: the row keeps the weight tuned in
+    training, and every row's numbers are the run's own."""
+    run_dir, payload = trained
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    row = ckpt.pop("callbacks")["ReferenceRows"]["wiener"]
+    ckpt["state_dict"].update({f"wiener.{k}": v for k, v in row.items()})
+    run_config = ckpt["hyper_parameters"]["run_config"]
+    run_config["module"]["wiener_prior"] = run_config.pop("references")["wiener"]["prior"]
+    torch.save(ckpt, tmp_path / "inside.ckpt")
+    out = evaluate(compose_cfg("evaluate", [f"ckpt_path={tmp_path / 'inside.ckpt'}", "debug=smoke",
+                                            "trainer.limit_test_batches=null"], tmp_path))
+    assert out["test"]["wiener_lambda"] == payload["test"]["wiener_lambda"] and out["test"]["wiener_lambda_tuned_on_val"]
+    for name in ("measurement", "wiener", "model"):
+        assert out["test"][name]["psnr"] == pytest.approx(payload["test"][name]["psnr"], abs=1e-4)
+
+
 def test_evaluate_on_an_image_folder(trained, tmp_path, image_folder):
     run_dir, _ = trained
     (image_folder / "train").rename(image_folder / "unused")  # evaluate needs only <dir>/test
-    cfg = compose_cfg("evaluate", [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer=fast",
+    cfg = compose_cfg("evaluate", [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "debug=smoke",
                                    "data=folder", f"data.root={image_folder}", "data.image_size=16",
                                    "data.num_workers=0"], tmp_path)
     out = evaluate(cfg)
@@ -97,7 +115,7 @@ def _bad_checkpoints(good: Path, tmp_path: Path) -> dict[str, tuple[Path, str]]:
 def test_unusable_checkpoints_give_one_clear_error(trained, tmp_path, kind, capsys):
     run_dir, _ = trained
     path, message = _bad_checkpoints(run_dir / "checkpoints" / "last.ckpt", tmp_path)[kind]
-    cfg = compose_cfg("evaluate", [f"ckpt_path={path}", "trainer=fast"], tmp_path)
+    cfg = compose_cfg("evaluate", [f"ckpt_path={path}", "debug=smoke"], tmp_path)
     with pytest.raises(CheckpointError, match=message):
         evaluate(cfg)
     assert "code ran" not in capsys.readouterr().out
@@ -150,7 +168,7 @@ def test_evaluate_replaces_the_forward_solver(trained, tmp_path):
     plain iteration caps every solve at 1, where no solve meets a 1e-12 tolerance; Anderson with room to run
     goes further and ends at a smaller residual. The choice is written to metrics.json."""
     run_dir, _ = trained
-    base = [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer=fast", "trainer.limit_test_batches=null"]
+    base = [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "debug=smoke", "trainer.limit_test_batches=null"]
     capped = evaluate(compose_cfg("evaluate", base + ["solver=fixed_point", "solver.max_iter=1", "solver.tol=1e-12"],
                                   tmp_path / "capped"))["test"]["solver"]
     assert capped["fwd_iters_max"] == 1 and capped["converged_fraction"] == 0
