@@ -214,14 +214,15 @@ def _penalty_worker(rank: int, init_file: str, out_dir: str) -> None:
     batch = (x, module.seeded_measurement(x, idx, "val"), idx)
     alone = copy.deepcopy(module)
     torch.manual_seed(1)  # the power iteration's random start: the same draw alone and under DDP
-    alone.training_loss(batch).backward()
+    loss, _, rec = alone.training_outputs(batch)
+    loss.backward()
     ddp = torch.nn.parallel.DistributedDataParallel(_Step(module))
     torch.manual_seed(1)
     ddp(batch).backward()
     torch.save({"names": [n for n, _ in module.method.named_parameters()],
                 "ddp": [p.grad.clone() for p in module.method.parameters()],
                 "alone": [p.grad.clone() for p in alone.method.parameters()],
-                "penalty": alone._train_rec.penalty.item()}, Path(out_dir) / f"rank{rank}.pt")
+                "penalty": rec.penalty.item()}, Path(out_dir) / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 

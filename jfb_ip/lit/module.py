@@ -137,7 +137,7 @@ class ReconstructionModule(L.LightningModule):
         when every sample of the batch diverged. Returns the loss and the solver statistics of the step
         (``fwd_stats``: every sample's forward solve; ``stats``: the trained reconstruction's, backward included),
         for :class:`~jfb_ip.lit.callbacks.TrainingStats`."""
-        loss, fwd_stats, rec = self._training_loss(batch)
+        loss, fwd_stats, rec = self.training_outputs(batch)
         if loss is None:
             return {"fwd_stats": fwd_stats}
         opt = self.optimizers()
@@ -154,9 +154,11 @@ class ReconstructionModule(L.LightningModule):
     def training_loss(self, batch) -> Tensor | None:
         """The training loss over the samples whose solve stayed finite, or None when all diverged (on every
         process, under DDP)."""
-        return self._training_loss(batch)[0]
+        return self.training_outputs(batch)[0]
 
-    def _training_loss(self, batch) -> tuple[Tensor | None, SolverStats | None, Reconstruction | None]:
+    def training_outputs(self, batch) -> tuple[Tensor | None, SolverStats | None, Reconstruction | None]:
+        """(:meth:`training_loss`, the forward solves' stats of the whole batch, the reconstruction the loss was
+        computed from: None when no sample survived on this process)."""
         x, meas, _ = batch
         self.calibrate_parts(meas, x)
         rec = self.method(meas)
@@ -264,7 +266,7 @@ class ReconstructionModule(L.LightningModule):
         return {"x": rec.x, "stats": rec.stats}
 
     # ------------------------------------------------------------------ checkpoints
-    # the run state beside the weights that Lightning does not keep: exact resume (README "Faults and resume")
+    # the run state beside the weights that Lightning does not keep: exact resume (docs/operations.md, "Faults, resume and checkpoints")
     RUN_STATE_KEY = "jfb_ip_run_state"
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
