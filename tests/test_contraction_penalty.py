@@ -105,9 +105,9 @@ def test_training_with_the_penalty_logs_it_on_mri(tmp_path):
 
 def test_a_penalty_that_never_acts_leaves_training_bit_identical(tmp_path):
     """Where every Lip(T) estimate is under the target the penalty and its gradient are 0, so turning it on must not
-    change a run at all: the weights after real training steps equal those of a run without it, exactly. (Before
-    the skip, its double backward still ran and moved the weights by round-off, which on sr4 changed when the anchor
-    gate opened and the test PSNR by 0.3 dB: README, "How much a single sr4 run says".)"""
+    change a run at all: the weights after real training steps equal those of a run without it, exactly. (Run
+    anyway, its double backward moves the weights by round-off, which on sr4 changes when the anchor gate opens and
+    the test PSNR by 0.3 dB.)"""
     from conftest import TINY, compose_cfg
     from jfb_ip.lit.run import train
 

@@ -22,8 +22,8 @@ BASE = [o for o in TINY if not o.startswith("solver.max_iter")] + ["solver.max_i
                                                                    "solver.train_tol=null"]
 # bf16 rounds the network's output by ~2^-9 relative. A fixed point met to tol 1e-3 is only pinned down to about
 # tol / (1 - Lip T), and this tiny map is weakly contractive, so bf16 moves where the solves stop: measured mean test
-# PSNR differences 0.13 dB (evaluate; 0.38 dB on one image) and 0.07 dB (2 training steps + test); at tol 1e-5 the
-# evaluate difference is 0.03 dB (README). The float32 switches agree to ~1e-5 dB.
+# PSNR differences 0.13 dB (evaluate; 0.38 dB on one image) and 0.07 dB (2 training steps + test; docs/operations.md,
+# "Speed switches"); at tol 1e-5 the evaluate difference is 0.03 dB. The float32 switches agree to ~1e-5 dB.
 BF16_DB, FP32_DB = 0.25, 1e-3
 
 

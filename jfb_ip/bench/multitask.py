@@ -58,7 +58,7 @@ ROWS = ("measurement", "tv", "pnp_gauss", "pnp_mtdeq", "fb_gauss", "fb_mtdeq", "
 # within 0.02 dB). The learning rate fine-tunes a pre-trained prior ([4]: Adam at 1e-5 for 250 epochs; at
 # train.py's 1e-3, 20 steps from a 300-step denoiser ended at 20.95 dB on 8 multitask test crops, 40 steps at 1e-4 at
 # 25.31 dB; Wiener 25.03).
-# Full: the CPU scale of the README (about 2 hours on 2 cores); --quick: under 20 minutes on 2 cores.
+# Full: about 2 hours on 2 cores (docs/benchmarks.md, "Multi-task priors"); --quick: under 20 minutes on 2 cores.
 # PnP-ADMM's schedule (iterations, last denoiser strength) is chosen per task on the validation crops for the
 # Gaussian prior at lam = 0.23 (``pnp_schedule``); the PnP lam search (``lam_search``) then runs for the Gaussian prior
 # too; the MTDEQ prior gets both unchanged ([4] §III-C). FB rows: MTDEQ's own scheme, capped at ``fb_max_iter``.

@@ -142,8 +142,8 @@ def check_weight_averaging(callbacks: list, module: torch.nn.Module) -> None:
     (its default) on a model with normalised convolutions. It then averages every buffer, the power-iteration
     vectors of spectral or operator-norm normalisation among them; those rotate as the weights train, so their
     average is shorter than a unit vector, each conv's norm is underestimated and the normalised weights too large.
-    Measured on the deblurring default: averaged vectors of norm 0.53-0.69, validation 5.7 dB, Lip(T) 48000 (README,
-    "What moves the default model's number"). With ``use_buffers=false`` torch's AveragedModel averages the
+    Measured on the deblurring default: averaged vectors of norm 0.53-0.69, validation 5.7 dB, Lip(T) 48000
+    (docs/results.md, "What did not help"). With ``use_buffers=false`` torch's AveragedModel averages the
     parameters alone and keeps the buffers in sync with the live model, which is fine."""
     from lightning.pytorch.callbacks import WeightAveraging
 

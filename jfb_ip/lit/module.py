@@ -266,7 +266,8 @@ class ReconstructionModule(L.LightningModule):
         return {"x": rec.x, "stats": rec.stats}
 
     # ------------------------------------------------------------------ checkpoints
-    # the run state beside the weights that Lightning does not keep: exact resume (docs/operations.md, "Faults, resume and checkpoints")
+    # the run state beside the weights that Lightning does not keep: exact resume (docs/operations.md, "Faults, resume
+    # and checkpoints")
     RUN_STATE_KEY = "jfb_ip_run_state"
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

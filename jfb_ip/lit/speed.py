@@ -1,7 +1,8 @@
 """Speed switches of a run: ``channels_last`` and ``compile`` (mixed precision is Lightning's ``trainer.precision``).
 
 Each changes how the same computation runs, not what it computes: tests/test_speed_switches.py checks on CPU that
-each gives the default's PSNR within a stated tolerance. What each is expected to gain on a GPU is in the README.
+each gives the default's PSNR within a stated tolerance. Their speed on a GPU has not been measured (docs/operations.md,
+"Speed switches").
 """
 from __future__ import annotations
 

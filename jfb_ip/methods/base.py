@@ -80,7 +80,7 @@ class Equilibrium:
     ``train_tol`` exists because a training step's cost is mostly its forward solve, and JFB's gradient
     (one differentiable application of T) is an approximation whatever the residual: solving training's
     fixed points to 1e-2 instead of 1e-3 took half the Anderson iterations per step for the same test PSNR
-    (README, "What moves the default model's number"). Validation and test always solve to ``tol``, so every
+    (measured on deblurring; conf/method_task/degrad_deblur.yaml). Validation and test always solve to ``tol``, so every
     reported number is an equilibrium met to ``tol``; training's ``converged_fraction`` is against ``train_tol``.
     """
 

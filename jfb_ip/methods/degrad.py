@@ -86,7 +86,7 @@ class DEGRAD(FixedPointMethod):
     contraction argument is in x alone, so nothing about it changes either. Why: where A^T A has a null
     space the equilibrium there is x = N(x); without z0 the network must hold 80% of an image's pixels as
     its own fixed point from x alone, with z0 it can anchor them to the classical estimate and learn the
-    correction (README "The default model on every task").
+    correction (docs/methods.md, "DE-GRAD").
 
     ``initializer="wiener"`` replaces the task's initializer by the Tikhonov/Wiener estimate
     (:class:`~jfb_ip.methods.Wiener`, gradient prior) as z0, the solve's start and what ``inject`` feeds the
@@ -116,9 +116,9 @@ class DEGRAD(FixedPointMethod):
             target at the fixed points (:meth:`FixedPointMethod.contraction_term`; 0: off).
         gate_init: the anchor gate's starting value g (``inject="anchor"`` only). 0 (ReZero) starts from the data
             term's prox at z0, but the network's weights get no gradient until g has moved, and when the gate opens
-            can depend on round-off (sr4: step ~255 in one run, ~450 in another; README, "How much a single sr4
-            run says"). A small nonzero g starts the network learning at step 0; measured, it raised validation
-            PSNR early but not the test numbers beyond the seed spread (README, the default model's levers).
+            can depend on round-off (sr4: step ~255 in one run, ~450 in another). A small nonzero g starts the
+            network learning at step 0; measured, it raised validation PSNR early but not the test numbers beyond
+            the seed spread (docs/results.md, "What did not help").
         tv_prior: the gradient-form regulariser S(x) = alpha L grad TV_eps(x) + learned part (class docstring, "TV
             prior"); alpha = ``tv_weight`` at the start, learned (log-parametrised) with ``learn_tv_weight``.
         tv_weight, tv_eps: TV's weight alpha relative to L (TV's validation weight: ``method=tv``'s lam) and the
