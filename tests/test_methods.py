@@ -400,11 +400,13 @@ def test_degrad_auto_data_step_follows_the_operators_prox(task, closed_form):
 
 def test_degrad_default_starts_at_the_data_prox_of_the_wiener_estimate(tmp_path):
     """The default config's untrained equilibrium (gate g = 0, so N(x) = z0) is the closed form
-    (A^T A + lam L I)^{-1}(A^T d + lam L z0), z0 the Tikhonov/Wiener estimate; checked through its normal equations."""
+    (A^T A + lam L I)^{-1}(A^T d + lam L z0), z0 the Tikhonov/Wiener estimate (method.initializer=wiener, the method's
+    default; deblurring's default anchors at smoothed TV instead); checked through its normal equations."""
     from jfb_ip.methods.classical import tikhonov
     from jfb_ip.physics import Deblur
 
-    cfg = compose_cfg("train", TINY, tmp_path)
+    assert compose_cfg("train", TINY, tmp_path).method.initializer == "smooth_tv"
+    cfg = compose_cfg("train", TINY + ["method.initializer=wiener"], tmp_path)
     m = hydra.utils.instantiate(cfg.method, _convert_="all").eval()
     assert float(m.anchor_gate) == 0.0
     meas = Deblur(kernel_size=5, channels=3).sample(torch.rand(2, 3, 16, 16), seeds=torch.arange(2))
