@@ -297,7 +297,7 @@ def test_degrad_prox_step_moves_dropped_pixels_to_the_network_output():
         DEGRAD(net, solver=solver, backward={"mode": "jfb"}, data_step="newton")
     with pytest.raises(ValueError, match="inject must be one of"):
         DEGRAD(net, solver=solver, backward={"mode": "jfb"}, inject=True)
-    with pytest.raises(ValueError, match="gate_init=0.1 sets the anchor gate, which only inject=anchor has"):
+    with pytest.raises(ValueError, match="gate_init=0.1 sets the anchor gate, which only inject=anchor or tv_prior has"):
         DEGRAD(net, solver=solver, backward={"mode": "jfb"}, inject="input", gate_init=0.1)
     with pytest.raises(ValueError, match="gate_init must be a finite number"):
         DEGRAD(net, solver=solver, backward={"mode": "jfb"}, inject="anchor", gate_init=float("nan"))

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from conftest import compose_cfg
+from jfb_ip.lit.checks import check_run_config
+from jfb_ip.lit.errors import ConfigError
 from jfb_ip.solvers import BACKWARD_MODES, equilibrium
 
 
@@ -117,11 +119,14 @@ def test_one_exploding_sample_leaves_the_others_gradient_finite(mode):
 
 def test_lu_dncnn_refuses_backward_and_solver_options(tmp_path):
     for extra, match in ((["backward.unroll_steps=5"], "takes no backward options"),
-                         (["solver=broyden"], "solver=broyden cannot apply"),
                          (["backward=neumann"], "backward=neumann cannot apply")):
         cfg = compose_cfg("train", ["method=lu_dncnn", *extra], tmp_path)
         with pytest.raises(Exception, match=match):
             hydra.utils.instantiate(cfg.method, _convert_="all")
+    # LU-DnCNN composes no solver, so a solver= choice is refused by the run's config check, before anything is built
+    cfg = compose_cfg("train", ["method=lu_dncnn", "solver=broyden"], tmp_path)
+    with pytest.raises(ConfigError, match="solver=broyden cannot apply"):
+        check_run_config(cfg)
 
 
 def test_solver_group_reaches_the_method(tmp_path):
