@@ -360,6 +360,20 @@ def test_tv_weight_search_finds_the_peak_of_a_unimodal_score():
     assert max(scores, key=scores.get) == pytest.approx(peak) and psnr_score(solve(10 ** best, None), x) > 0
 
 
+@pytest.mark.parametrize("task", ["deblur", "inpaint", "sr2", "sr4", "ct", "mri4x", "mri8x"])
+def test_every_task_stores_a_tv_weight_that_method_tv_uses(task, tmp_path):
+    from omegaconf import OmegaConf
+
+    from jfb_ip.bench.tv_weights import stored_path, stored_weight
+
+    stored = OmegaConf.load(stored_path(task))
+    assert stored.method.lam > 0 and list(stored.method.lambda_grid) == []
+    cfg = compose_cfg("train", ["method=tv", f"task={task}", "logger=none"], tmp_path)
+    assert cfg.method.lam == pytest.approx(stored_weight(task)) and list(cfg.method.lambda_grid) == []
+    cfg = compose_cfg("evaluate", ["method=tv", f"task={task}"], tmp_path)
+    assert cfg.method.lam == pytest.approx(stored_weight(task)) and list(cfg.method.lambda_grid) == []
+
+
 def test_tv_on_a_multitask_batch_equals_per_part_solves():
     task = MultiTask()
     x = torch.rand(5, 3, 24, 24, dtype=torch.float64)

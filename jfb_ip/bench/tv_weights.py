@@ -133,7 +133,8 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['task']} | {r['lam']:.3g} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['converged']:.2f} | "
-                     f"{r['iters_mean']:.0f} / {r['iters_max']} | {r['seconds_search']:.0f} + {r['seconds_test']:.0f} |")
+                     f"{r['iters_mean']:.0f} / {r['iters_max']} | "
+                     f"{r['seconds_search']:.0f} + {r['seconds_test']:.0f} |")
     return "\n".join(lines)
 
 
