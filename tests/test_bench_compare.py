@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from jfb_ip.bench import compare
 
 
+# trains and evaluates several runs end to end (~85 s on 2 cores): `make test-full` runs it
+@pytest.mark.slow
+@pytest.mark.integration
 def test_compare_table_reports_each_runs_own_metrics_and_convergence(tmp_path):
     res = compare.main(["--methods", "luser_dw,lu_dncnn", "--steps", "2", "--image-size", "16", "--batch", "2",
                         "--out", str(tmp_path), "data.dataset.eval_crops=4", "data.dataset.train_samples=4"])
