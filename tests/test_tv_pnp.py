@@ -3,6 +3,7 @@ a checkpoint."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -360,18 +361,57 @@ def test_tv_weight_search_finds_the_peak_of_a_unimodal_score():
     assert max(scores, key=scores.get) == pytest.approx(peak) and psnr_score(solve(10 ** best, None), x) > 0
 
 
-@pytest.mark.parametrize("task", ["deblur", "inpaint", "sr2", "sr4", "ct", "mri4x", "mri8x"])
-def test_every_task_stores_a_tv_weight_that_method_tv_uses(task, tmp_path):
+TASKS = ["deblur", "inpaint", "sr2", "sr4", "ct", "mri4x", "mri8x"]
+STORED = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "tv_weights").glob("*.yaml"))
+
+
+def test_every_task_has_a_stored_tv_weight_on_its_default_data():
+    assert {f"{t}_{'phantoms' if t in ('ct', 'mri4x', 'mri8x') else 'natural'}" for t in TASKS} <= set(STORED)
+
+
+@pytest.mark.parametrize("stored", STORED)
+def test_every_stored_tv_weight_is_what_method_tv_and_the_tv_row_use(stored, tmp_path):
+    import hydra
     from omegaconf import OmegaConf
 
     from jfb_ip.bench.tv_weights import stored_path, stored_weight
 
-    stored = OmegaConf.load(stored_path(task))
-    assert stored.method.lam > 0 and list(stored.method.lambda_grid) == []
-    cfg = compose_cfg("train", ["method=tv", f"task={task}", "logger=none"], tmp_path)
-    assert cfg.method.lam == pytest.approx(stored_weight(task)) and list(cfg.method.lambda_grid) == []
-    cfg = compose_cfg("evaluate", ["method=tv", f"task={task}"], tmp_path)
-    assert cfg.method.lam == pytest.approx(stored_weight(task)) and list(cfg.method.lambda_grid) == []
+    task, data = stored.rsplit("_", 1)
+    lam = float(OmegaConf.load(stored_path(task, data)).tv_weight)
+    assert lam > 0 and stored_weight(task, data) == lam
+    for app, extra in (("train", ["logger=none", f"data={data}"]), ("evaluate", [f"data={data}"])):
+        cfg = compose_cfg(app, ["method=tv", f"task={task}", *extra], tmp_path)
+        tv = hydra.utils.instantiate(cfg.method)
+        assert float(tv.lam) == pytest.approx(lam) and tv.lambda_grid == []  # the stored weight, no search
+        row = hydra.utils.instantiate(cfg.references.tv)
+        assert isinstance(row, TV) and float(row.lam) == pytest.approx(lam) and row.lambda_grid == []
+    # the weight reaches DE-GRAD's TV initializers too
+    assert compose_cfg("train", [f"task={task}", f"data={data}"], tmp_path).method.tv_weight == pytest.approx(lam)
+
+
+def test_without_a_stored_weight_tv_searches_and_the_tv_row_is_absent(tmp_path, image_folder):
+    import hydra
+
+    from jfb_ip.bench.tv_weights import stored_weight
+    from jfb_ip.lit.callbacks import ReferenceRows
+    from jfb_ip.methods import Wiener
+    from jfb_ip.methods.tv import default_tv_lambda_grid
+    cfg = compose_cfg("train", ["method=tv", "data=folder", f"data.root={image_folder}", "logger=none"], tmp_path)
+    assert cfg.tv_weight is None and hydra.utils.instantiate(cfg.references.tv) is None
+    tv = hydra.utils.instantiate(cfg.method)
+    assert tv.lambda_grid == default_tv_lambda_grid() and len(tv.lambda_grid) == 13
+    # with a stored weight, method.lam=null searches again (another data set)
+    tv = hydra.utils.instantiate(compose_cfg("train", ["method=tv", "method.lam=null", "logger=none"], tmp_path).method)
+    assert tv.lambda_grid == default_tv_lambda_grid()
+    assert ReferenceRows({"wiener": Wiener(), "tv": None}).names == ["wiener"]
+    # evaluate.py without a data group: train.py's default data, and its stored weight
+    from jfb_ip.lit.run import default_data
+
+    cfg = compose_cfg("evaluate", ["method=tv", "task=sr4"], tmp_path)
+    assert not cfg.get("data") and cfg.tv_weight is None
+    default_data(cfg)
+    assert cfg.data.dataset._target_ == "jfb_ip.data.NaturalImages" and cfg.tv_weight == stored_weight("sr4", "natural")
+    assert float(hydra.utils.instantiate(cfg.method).lam) == pytest.approx(cfg.tv_weight)
 
 
 def test_tv_on_a_multitask_batch_equals_per_part_solves():
@@ -436,6 +476,7 @@ import sys  # noqa: E402
 
 from conftest import ROOT, TINY, compose_cfg, write_images  # noqa: E402
 from jfb_ip.lit.errors import ConfigError, main_guard  # noqa: E402
+from jfb_ip import stored_tv_weight  # noqa: E402
 from jfb_ip.lit.run import evaluate, train  # noqa: E402
 
 EVAL_SMALL = ["data.image_size=16", "data.eval_batch_size=4", "data.num_workers=0"]
@@ -537,3 +578,23 @@ def test_tv_and_pnp_on_cuda_match_cpu():
         pnp_gpu = PnPADMM(NoiseConditionedUNet(3, features=[8, 16], blocks=1), n_iter=3, lambda_grid=[]).cuda()
         pnp_gpu.load_state_dict(pnp_cpu.state_dict())
         assert torch.allclose(pnp_cpu(cpu).x, pnp_gpu(gpu).x.cpu(), atol=1e-3)
+
+
+def test_train_py_test_table_has_a_tv_row_at_the_stored_weight(tmp_path):
+    """The TV row of train.py's table is TV at the weight stored for deblur on natural photos, solved on the same
+    seeded test measurements: an independent tv_solve of those measurements gives the same per-image PSNR."""
+    from jfb_ip.bench.common import module_groups, seeded_split_batch
+    from jfb_ip.lit.calibration import image_metrics
+    from jfb_ip.lit.run import build_module
+
+    tiny = [o for o in TINY if not o.startswith(("method.", "solver.", "debug", "logger"))]
+    cfg = compose_cfg("train", tiny + ["method=wiener", "logger=none", "trainer=cpu"], tmp_path)
+    out = train(cfg)
+    lam = stored_tv_weight("deblur", "natural")
+    assert out["test"]["tv_lambda"] == pytest.approx(lam)
+    module = build_module(module_groups(cfg))
+    x, meas = seeded_split_batch(module_groups(cfg).data, module, "test")
+    x_tv, stats = tv_solve(meas, lam)
+    assert bool(stats.converged.all())
+    psnr, _ = image_metrics(x_tv, x)
+    assert out["test"]["per_image"]["tv"]["psnr"] == pytest.approx(psnr.tolist(), abs=1e-3)

@@ -20,11 +20,12 @@ from ..lit.checks import instantiate_group
 MODULE_GROUPS = ("method", "task", "module", "data")
 
 
-def compose_train(overrides: list[str]) -> DictConfig:
-    """``train.py``'s config with ``overrides``, composed from the package's configs outside a Hydra app."""
+def compose_train(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
+    """``train.py``'s config with ``overrides``, composed from the package's configs outside a Hydra app (with
+    ``return_hydra_config``, its ``hydra`` node too: ``cfg.hydra.runtime.choices`` names each group's option)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+        return compose(config_name="train", overrides=overrides, return_hydra_config=return_hydra_config)
 
 
 def module_groups(cfg: DictConfig) -> DictConfig:

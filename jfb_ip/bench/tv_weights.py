@@ -13,9 +13,9 @@ phantoms for CT and MRI; the seeded validation and test measurements ``train.py`
 
 Prints one markdown table: the weight, test PSNR/SSIM, the fraction of test samples that reached the solver's
 tolerance, mean/max iterations and the seconds of search and test. ``--write`` stores each weight in
-``conf/method_task/tv_<task>.yaml`` (``method.lam``, with ``method.lambda_grid: []``), which ``method=tv
-task=<task>`` then uses without a search. Overrides (``method.tol=1e-4``, ``data.eval_crops=16``) apply to every
-task.
+``conf/tv_weights/<task>_<data>.yaml`` (``tv_weight``), which ``method=tv`` then uses without a search, the TV
+row of ``train.py``'s test table uses, and DE-GRAD's TV initializers start from. Overrides (``method.tol=1e-4``,
+``data=celeba data.root=<dir>``) apply to every task; the data group's option names the stored file.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .. import config_dir
+from .. import stored_tv_weight, tv_weight_path
 from ..lit.calibration import image_metrics, psnr_score
 from ..lit.run import build_module
 from .common import compose_train, module_groups, seeded_split_batch, write_outputs
@@ -37,17 +37,7 @@ START, STEPS = -2.5, (0.5, 0.25, 0.125)
 LOG_RANGE = (-5.0, 0.0)
 
 
-def stored_path(task: str) -> Path:
-    return config_dir() / "method_task" / f"tv_{task}.yaml"
-
-
-def stored_weight(task: str) -> float | None:
-    """The weight ``--write`` stored for ``task`` (None if none): what ``method=tv task=<task>`` uses, and what a
-    TV reference row can use."""
-    from omegaconf import OmegaConf
-
-    path = stored_path(task)
-    return float(OmegaConf.load(path).method.lam) if path.is_file() else None
+stored_path, stored_weight = tv_weight_path, stored_tv_weight
 
 
 def search(solve, x_val: torch.Tensor) -> tuple[float, dict[float, float]]:
@@ -76,7 +66,8 @@ def search(solve, x_val: torch.Tensor) -> tuple[float, dict[float, float]]:
 
 
 def run_task(task: str, overrides: list[str]) -> dict:
-    cfg = compose_train([f"task={task}", "method=tv", "logger=none", *overrides])
+    cfg = compose_train([f"task={task}", "method=tv", "logger=none", *overrides], return_hydra_config=True)
+    data = cfg.hydra.runtime.choices.data
     groups = module_groups(cfg)
     groups.method.lambda_grid = []
     module = build_module(groups)
@@ -98,33 +89,23 @@ def run_task(task: str, overrides: list[str]) -> dict:
     t2 = time.perf_counter()
     psnr, ssim = image_metrics(x_hat, x_test)
     it = stats.iterations.double()
-    return {"task": task, "lam": lam, "val_psnr": max(scores.values()), "n_solves_val": len(scores),
+    return {"task": task, "data": data, "lam": lam, "val_psnr": max(scores.values()), "n_solves_val": len(scores),
             "psnr": psnr.mean().item(), "ssim": ssim.mean().item(), "converged": stats.converged.double().mean().item(),
             "iters_mean": it.mean().item(), "iters_max": int(it.max()), "seconds_search": t1 - t0,
             "seconds_test": t2 - t1, "n_test": int(x_test.shape[0]), "tol": method.tol, "max_iter": method.max_iter}
 
 
-def write_weight(task: str, lam: float, row: dict) -> Path:
-    """``method.lam`` (and ``lambda_grid: []``) into ``conf/method_task/tv_<task>.yaml``; the file's other
-    ``method`` keys (a task's ``warm_start``) are kept."""
-    from omegaconf import OmegaConf
-
-    path = stored_path(task)
-    extra = {}
-    if path.is_file():
-        extra = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path).method).items()
-                 if k not in ("lam", "lambda_grid")}
-    body = "".join(f"  {k}: {v}\n" for k, v in extra.items())
+def write_weight(row: dict, command: str) -> Path:
+    """``tv_weight: <lam>`` into ``conf/tv_weights/<task>_<data>.yaml``, with the test row and the command."""
+    path = stored_path(row["task"], row["data"])
+    path.parent.mkdir(exist_ok=True)
     path.write_text(
         "# @package _global_\n"
-        f"# TV's weight on {task}, chosen on the validation split by `python -m jfb_ip.bench.tv_weights --write`\n"
+        f"# TV's weight on task={row['task']} data={row['data']}, chosen on the validation split by\n"
+        f"# {command}\n"
         f"# (test: {row['psnr']:.2f} dB, SSIM {row['ssim']:.3f}, {row['converged']:.0%} converged, "
         f"{row['iters_mean']:.0f} iterations on average).\n"
-        "# For another data set, search again: method.lambda_grid=null.\n"
-        f"specialization: tv_{task}\n"
-        "method:\n"
-        f"  lam: {lam:.3g}\n"
-        "  lambda_grid: []\n" + body)
+        f"tv_weight: {row['lam']:.3g}\n")
     return path
 
 
@@ -141,7 +122,7 @@ def table(rows: list[dict]) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jfb_ip.bench.tv_weights", description=__doc__.split("\n")[0])
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    p.add_argument("--write", action="store_true", help="store each weight in conf/method_task/tv_<task>.yaml")
+    p.add_argument("--write", action="store_true", help="store each weight in conf/tv_weights/<task>_<data>.yaml")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this file")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every task (method.tol=1e-4, ...)")
     return p.parse_args(argv)
@@ -154,7 +135,9 @@ def main(argv=None) -> list[dict]:
         row = run_task(task, args.overrides)
         rows.append(row)
         if args.write:
-            write_weight(task, row["lam"], row)
+            # a local data path is the user's, not the config's
+            shown = [o.split("=")[0] + "=<dir>" if o.startswith("data.root=") else o for o in args.overrides]
+            write_weight(row, " ".join(["python -m jfb_ip.bench.tv_weights", f"--tasks {task}", *shown, "--write"]))
         print(table([row]).splitlines()[-1], flush=True)
     print("\n" + table(rows))
     if args.json:

@@ -34,12 +34,12 @@ class ReferenceRows(L.Callback):
 
     Args:
         references: row name -> :class:`~jfb_ip.methods.CalibratedMethod` (``conf/train.yaml``'s ``references``:
-            ``wiener``; ``+references.tv={_target_: jfb_ip.methods.TV}`` adds a TV row).
+            ``wiener``, and ``tv`` where a TV weight is stored for the task and data); a None value is no row.
     """
 
-    def __init__(self, references: Mapping[str, CalibratedMethod] | None = None):
+    def __init__(self, references: Mapping[str, CalibratedMethod | None] | None = None):
         super().__init__()
-        self.references = nn.ModuleDict(dict(references or {}))
+        self.references = nn.ModuleDict({k: v for k, v in (references or {}).items() if v is not None})
         for name, m in self.references.items():
             if not isinstance(m, CalibratedMethod):
                 raise ValueError(f"references.{name}: a reference row is a method with nothing to train (Wiener, TV, "

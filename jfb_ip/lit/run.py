@@ -11,7 +11,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .. import config_dir
+from .. import config_dir, stored_tv_weight
 from ..checkpoint import check_state_fits, load_checkpoint, load_weights
 from ..data import DatasetError
 from .callbacks import ReferenceRows, TestTable, TrainingStats
@@ -52,6 +52,8 @@ class RunCallbacks:
     the test table, the training statistics and the RNG state of checkpoints."""
 
     def __init__(self, references: DictConfig | dict | None, grid_images: int):
+        if isinstance(references, DictConfig):  # resolved where it sits: references.tv.lam is ${tv_weight}
+            references = OmegaConf.to_container(references, resolve=True)
         refs = OmegaConf.create(DEFAULT_REFERENCES if references is None else references)
         self.references = ReferenceRows(instantiate_group(OmegaConf.create({"references": refs}), "references",
                                                           _convert_="all"))
@@ -260,6 +262,17 @@ def _test_and_write(cfg: DictConfig, trainer: L.Trainer, module: ReconstructionM
     return payload
 
 
+def default_data(cfg: DictConfig) -> None:
+    """evaluate.py without a checkpoint and without a data group: train.py's default data, and TV's weight stored
+    for it (the defaults list, which selects ``tv_weights`` by ``<task>_<data>``, saw no data)."""
+    if cfg.get("data"):
+        return
+    with open_dict(cfg):
+        cfg.data = OmegaConf.load(config_dir() / "data" / f"{train_default('data')}.yaml")
+        if cfg.get("tv_weight") is None and choice("task"):
+            cfg.tv_weight = stored_tv_weight(choice("task"), train_default("data"))
+
+
 def evaluate_without_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     """``evaluate.py method=<m> task=<t> [data=...]`` for a method with nothing to train (Wiener, TV, PnP-ADMM:
     :class:`~jfb_ip.methods.CalibratedMethod`): choose its lambda (and the reference rows') on the validation split,
@@ -281,9 +294,7 @@ def evaluate_without_checkpoint(cfg: DictConfig) -> dict[str, Any]:
                           f"nothing to train run ({', '.join(UNTRAINED_METHODS)})")
     if not cfg.get("task"):
         raise ConfigError(f"evaluate.py method={name} needs a task: add task=<task> (e.g. task=deblur)")
-    if not cfg.get("data"):
-        with open_dict(cfg):
-            cfg.data = OmegaConf.load(config_dir() / "data" / f"{train_default('data')}.yaml")
+    default_data(cfg)
     check_run_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_config = OmegaConf.to_container(cfg, resolve=True)

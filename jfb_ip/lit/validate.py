@@ -163,6 +163,7 @@ OPTIONS: tuple[Option, ...] = (
     count("method.initializer_max_iter"),
     positive("method.tv_weight"),
     positive("method.tv_eps"),
+    positive("tv_weight", null=True),
     Option("method.gate_init", float, -INF, INF, open_high=True),
     count("method.n_stages"),
     count("method.stages"),

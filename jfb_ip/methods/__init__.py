@@ -7,9 +7,9 @@ from .denoiser import Denoiser
 from .deprox import DEProx
 from .mtdeq import MTDEQ
 from .pnp import PnPADMM
-from .tv import TV, tv_solve
+from .tv import TV, tv_row, tv_solve
 from .unrolled import LUDnCNN, LUSER, UnrolledMethod
 
 __all__ = ["Method", "Reconstruction", "FixedPointMethod", "Equilibrium", "DEGRAD", "DEProx", "LUDnCNN", "LUSER",
-           "UnrolledMethod", "Wiener", "tikhonov", "CalibratedMethod", "Denoiser", "PnPADMM", "TV",
+           "UnrolledMethod", "Wiener", "tikhonov", "CalibratedMethod", "Denoiser", "PnPADMM", "TV", "tv_row",
            "tv_solve", "MTDEQ"]

@@ -213,14 +213,15 @@ def tv_solve(meas: Measurement, lam, tol: float = 1e-3, max_iter: int = 2000, sp
 
 class TV(CalibratedMethod):
     """Isotropic-TV regularised least squares (Rudin, Osher and Fatemi [10]) as a method (``method=tv``):
-    :func:`tv_solve` with ``lam`` relative to ||A||^2. The weight is the task's stored one
-    (``conf/method_task/tv_<task>.yaml``, chosen on the validation split by ``python -m jfb_ip.bench.tv_weights
+    :func:`tv_solve` with ``lam`` relative to ||A||^2. The weight is the one stored for the task and data
+    (``conf/tv_weights/<task>_<data>.yaml``, chosen on the validation split by ``python -m jfb_ip.bench.tv_weights
     --write``), or chosen on the validation split from ``lambda_grid`` (:class:`CalibratedMethod`), never on test.
     Batched on the measurement's device, any task.
 
     Args:
-        lam: the weight used until (or instead of, with an empty grid) the search.
-        lambda_grid: candidates; None: 1e-4 .. 1e-1 in quarter decades; []: keep ``lam``.
+        lam: the weight; None: chosen on the validation split (from 1e-2 until the search ends).
+        lambda_grid: the candidates; None: 1e-4 .. 1e-1 in quarter decades if ``lam`` is None, else no search
+            (keep ``lam``); a list: search it, [] keeps ``lam``.
         tol: the relative primal-dual residual at which a sample stops (see :func:`tv_solve`).
         max_iter: iterations at most (a sample stopped there is reported as not converged).
         splitting: 'auto', 'prox' or 'stacked' (see :func:`tv_solve`).
@@ -231,10 +232,12 @@ class TV(CalibratedMethod):
         solver, backward: must be the ``none`` groups (refused otherwise).
     """
 
-    def __init__(self, lam: float = 1e-2, lambda_grid: Sequence[float] | None = None, tol: float = 1e-3,
+    def __init__(self, lam: float | None = None, lambda_grid: Sequence[float] | None = None, tol: float = 1e-3,
                  max_iter: int = 2000, splitting: str = "auto", warm_start: str = "init", wiener_lam: float = 1e-2,
                  solver: Mapping[str, Any] | None = None, backward: Mapping[str, Any] | None = None):
-        super().__init__("TV", lam, default_tv_lambda_grid() if lambda_grid is None else lambda_grid)
+        if lambda_grid is None:
+            lambda_grid = default_tv_lambda_grid() if lam is None else []
+        super().__init__("TV", 1e-2 if lam is None else lam, lambda_grid)
         refuse_fixed_point_options("tv", solver, backward, "none", "runs its own primal-dual solver and has nothing "
                                    "to train (set method.tol / method.max_iter)")
         if not tol > 0:
@@ -259,6 +262,13 @@ class TV(CalibratedMethod):
     def reconstruct(self, meas: Measurement, lam) -> Reconstruction:
         x, stats = tv_solve(meas, lam, self.tol, self.max_iter, self.splitting, x0=self.start(meas))
         return Reconstruction(x, stats=stats)
+
+
+def tv_row(lam: float | None, **kwargs) -> TV | None:
+    """The TV reference row of ``train.py``'s test table (``conf/train.yaml``'s ``references.tv``): TV at the weight
+    stored for the run's task and data (``tv_weight``, no search), or no row (None) where none is stored, since a
+    search would solve the whole validation split at 13 weights every validation epoch."""
+    return None if lam is None else TV(lam, [], **kwargs)
 
 
 def default_tv_lambda_grid() -> list[float]:
