@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,12 +46,16 @@ class FailedJobs(Callback):
     """A Hydra callback (conf/hydra/default.yaml): at the end of a multirun, the jobs of this sweep whose
     ``metrics.json`` holds an ``"error"`` in one line, and exit status 1. A failed job returns normally after writing
     its error (see :func:`main_guard`), so every launcher runs the others, and the sweep ends here instead of in
-    Hydra's traceback of the first failed job."""
+    Hydra's traceback of the first failed job. Under torchrun every process runs the sweep, but only global rank 0
+    writes metrics.json: the other ranks could reach the end of the sweep before rank 0 has written the last job's,
+    so only rank 0 checks."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.time()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
         started = getattr(self, "started", 0.0)
         sweep = Path(config.hydra.sweep.dir)
         jobs = [d for d in sweep.iterdir() if (d / ".hydra").is_dir() and (d / ".hydra").stat().st_mtime >= started] \
