@@ -116,6 +116,7 @@ def _stat(values: list[float | None]) -> tuple[float | None, float | None]:
 FIELDS = {
     "psnr": ("test", "model", "psnr"), "ssim": ("test", "model", "ssim"),
     "wiener_psnr": ("test", "wiener", "psnr"), "measurement_psnr": ("test", "measurement", "psnr"),
+    "tv_psnr": ("test", "tv", "psnr"),
     "step_time_s": ("train", "step_time_s_median"), "peak_memory_bytes": ("train", "peak_memory_bytes"),
     "fwd_iters": ("train", "fwd_iters_mean"), "bwd_iters": ("train", "bwd_iters_mean"),
     "test_fwd_iters": ("test", "solver", "fwd_iters_mean"),
@@ -160,14 +161,14 @@ def _fmt(row: dict[str, Any], name: str, spec: str, scale: float = 1.0) -> str:
 
 COLUMNS = [("method", None), ("task", None), ("backward", None), ("setting", None), ("seeds", None),
            ("PSNR [dB]", ("psnr", ".2f")), ("SSIM", ("ssim", ".4f")), ("measurement PSNR", ("measurement_psnr", ".2f")),
-           ("Wiener PSNR", ("wiener_psnr", ".2f")), ("converged", ("converged_fraction", ".2f")),
+           ("Wiener PSNR", ("wiener_psnr", ".2f")), ("TV PSNR", ("tv_psnr", ".2f")), ("converged", ("converged_fraction", ".2f")),
            ("test fwd iters", ("test_fwd_iters", ".1f")), ("Lip(N)", ("lipschitz_net", ".3f")),
            ("Lip(T)", ("lipschitz_T", ".3f")),
            ("step time [s]", ("step_time_s", ".3f")), ("peak memory [MiB]", ("peak_memory_bytes", ".0f")),
            ("fwd iters", ("fwd_iters", ".1f")), ("bwd iters", ("bwd_iters", ".1f")),
            ("steps", ("steps", ".0f")), ("wall time [s]", ("wall_time_s", ".1f"))]
 # shown only when some run has a value (a sweep of methods without a fixed point or a Lipschitz log stays narrow)
-OPTIONAL = {"converged", "test fwd iters", "Lip(N)", "Lip(T)", "bwd iters"}
+OPTIONAL = {"TV PSNR", "converged", "test fwd iters", "Lip(N)", "Lip(T)", "bwd iters"}
 
 
 def markdown(rows: list[dict[str, Any]], failed: list[dict[str, Any]]) -> str:
