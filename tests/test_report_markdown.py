@@ -90,3 +90,19 @@ def test_write_refuses_a_file_without_the_markers(sweep, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(sweep), "--write", str(doc)])
     assert "--section" in capsys.readouterr().err
+
+
+def test_the_tv_column_averages_the_tv_rows_and_is_absent_without_them(tmp_path):
+    from jfb_ip.report import report
+
+    root = tmp_path / "runs"
+    for seed, tv in ((0, 28.0), (1, 29.0)):
+        run = fake_run(root, f"{seed}_jfb", "jfb", seed, 30.0)
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["test"]["tv"] = {"psnr": tv, "ssim": 0.45}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    res = report([root], tmp_path / "rep")
+    assert res["rows"][0]["tv_psnr"] == pytest.approx(28.5) and res["rows"][0]["tv_psnr_std"] > 0
+    assert "| TV PSNR |" in res["markdown"] and "| 28.50 ± 0.71 |" in res["markdown"]
+    plain = report([fake_run(tmp_path / "other", "0_jfb", "jfb", 0, 30.0)], tmp_path / "rep2")
+    assert plain["rows"][0]["tv_psnr"] is None and "TV PSNR" not in plain["markdown"]

@@ -57,6 +57,7 @@ def test_each_run_logs_its_full_config_and_the_expected_keys(tiny_sweep):
             expected |= {"train/solver/bwd_iters_mean", "train/solver/bwd_residual_max"}
         assert expected <= logged, expected - logged
         summary = run["summary"]
+        # measurement, wiener, model (debug=smoke has no TV row)
         assert summary["test/table/_type"] == "table-file" and summary["test/table/nrows"] == 3
         for row in ("measurement", "wiener", "model"):
             for k in ("psnr", "ssim"):
