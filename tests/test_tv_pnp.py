@@ -598,3 +598,21 @@ def test_train_py_test_table_has_a_tv_row_at_the_stored_weight(tmp_path):
     assert bool(stats.converged.all())
     psnr, _ = image_metrics(x_tv, x)
     assert out["test"]["per_image"]["tv"]["psnr"] == pytest.approx(psnr.tolist(), abs=1e-3)
+
+
+def test_the_command_a_stored_tv_weight_names_parses_back_to_its_task_and_overrides(tmp_path, monkeypatch):
+    import shlex
+
+    from jfb_ip.bench import tv_weights
+
+    monkeypatch.setattr(tv_weights, "stored_path", lambda task, data: tmp_path / f"{task}_{data}.yaml")
+    monkeypatch.setattr(tv_weights, "run_task", lambda task, overrides: {
+        "task": task, "data": "celeba", "lam": 5.62e-4, "psnr": 25.98, "ssim": 0.818, "converged": 1.0,
+        "iters_mean": 238.0, "iters_max": 373, "seconds_search": 1.0, "seconds_test": 1.0})
+    tv_weights.main(["--tasks", "deblur", "--write", "data=celeba", "data.root=/home/me/faces", "data.image_size=64"])
+    text = (tmp_path / "deblur_celeba.yaml").read_text()
+    command = next(ln[2:] for ln in text.splitlines() if ln.startswith("# python -m"))
+    args = tv_weights.parse_args(shlex.split(command)[3:])
+    assert args.tasks == ["deblur"] and args.write
+    assert args.overrides == ["data=celeba", "data.root=<dir>", "data.image_size=64"]  # the user's path is not kept
+    assert "tv_weight: 0.000562" in text

@@ -137,7 +137,7 @@ def main(argv=None) -> list[dict]:
         if args.write:
             # a local data path is the user's, not the config's
             shown = [o.split("=")[0] + "=<dir>" if o.startswith("data.root=") else o for o in args.overrides]
-            write_weight(row, " ".join(["python -m jfb_ip.bench.tv_weights", f"--tasks {task}", *shown, "--write"]))
+            write_weight(row, " ".join(["python -m jfb_ip.bench.tv_weights", f"--tasks {task}", "--write", *shown]))
         print(table([row]).splitlines()[-1], flush=True)
     print("\n" + table(rows))
     if args.json:
