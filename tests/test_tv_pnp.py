@@ -374,11 +374,11 @@ def test_every_stored_tv_weight_is_what_method_tv_and_the_tv_row_use(stored, tmp
     import hydra
     from omegaconf import OmegaConf
 
-    from jfb_ip.bench.tv_weights import stored_path, stored_weight
+    from jfb_ip import stored_tv_weight, tv_weight_path
 
     task, data = stored.rsplit("_", 1)
-    lam = float(OmegaConf.load(stored_path(task, data)).tv_weight)
-    assert lam > 0 and stored_weight(task, data) == lam
+    lam = float(OmegaConf.load(tv_weight_path(task, data)).tv_weight)
+    assert lam > 0 and stored_tv_weight(task, data) == lam
     for app, extra in (("train", ["logger=none", f"data={data}"]), ("evaluate", [f"data={data}"])):
         cfg = compose_cfg(app, ["method=tv", f"task={task}", *extra], tmp_path)
         tv = hydra.utils.instantiate(cfg.method)
@@ -392,7 +392,6 @@ def test_every_stored_tv_weight_is_what_method_tv_and_the_tv_row_use(stored, tmp
 def test_without_a_stored_weight_tv_searches_and_the_tv_row_is_absent(tmp_path, image_folder):
     import hydra
 
-    from jfb_ip.bench.tv_weights import stored_weight
     from jfb_ip.lit.callbacks import ReferenceRows
     from jfb_ip.methods import Wiener
     from jfb_ip.methods.tv import default_tv_lambda_grid
@@ -410,7 +409,7 @@ def test_without_a_stored_weight_tv_searches_and_the_tv_row_is_absent(tmp_path, 
     cfg = compose_cfg("evaluate", ["method=tv", "task=sr4"], tmp_path)
     assert not cfg.get("data") and cfg.tv_weight is None
     default_data(cfg)
-    assert cfg.data.dataset._target_ == "jfb_ip.data.NaturalImages" and cfg.tv_weight == stored_weight("sr4", "natural")
+    assert cfg.data.dataset._target_ == "jfb_ip.data.NaturalImages" and cfg.tv_weight == stored_tv_weight("sr4", "natural")
     assert float(hydra.utils.instantiate(cfg.method).lam) == pytest.approx(cfg.tv_weight)
 
 
@@ -605,7 +604,7 @@ def test_the_command_a_stored_tv_weight_names_parses_back_to_its_task_and_overri
 
     from jfb_ip.bench import tv_weights
 
-    monkeypatch.setattr(tv_weights, "stored_path", lambda task, data: tmp_path / f"{task}_{data}.yaml")
+    monkeypatch.setattr(tv_weights, "tv_weight_path", lambda task, data: tmp_path / f"{task}_{data}.yaml")
     monkeypatch.setattr(tv_weights, "run_task", lambda task, overrides: {
         "task": task, "data": "celeba", "lam": 5.62e-4, "psnr": 25.98, "ssim": 0.818, "converged": 1.0,
         "iters_mean": 238.0, "iters_max": 373, "seconds_search": 1.0, "seconds_test": 1.0})

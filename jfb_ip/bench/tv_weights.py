@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .. import stored_tv_weight, tv_weight_path
+from .. import tv_weight_path
 from ..lit.calibration import image_metrics, psnr_score
 from ..lit.run import build_module
 from .common import compose_train, module_groups, seeded_split_batch, write_outputs
@@ -35,9 +35,6 @@ TASKS = ("deblur", "inpaint", "sr2", "sr4", "ct", "mri4x", "mri8x")
 # log10 of the first weight and the search's steps (decades)
 START, STEPS = -2.5, (0.5, 0.25, 0.125)
 LOG_RANGE = (-5.0, 0.0)
-
-
-stored_path, stored_weight = tv_weight_path, stored_tv_weight
 
 
 def search(solve, x_val: torch.Tensor) -> tuple[float, dict[float, float]]:
@@ -97,7 +94,7 @@ def run_task(task: str, overrides: list[str]) -> dict:
 
 def write_weight(row: dict, command: str) -> Path:
     """``tv_weight: <lam>`` into ``conf/tv_weights/<task>_<data>.yaml``, with the test row and the command."""
-    path = stored_path(row["task"], row["data"])
+    path = tv_weight_path(row["task"], row["data"])
     path.parent.mkdir(exist_ok=True)
     path.write_text(
         "# @package _global_\n"
