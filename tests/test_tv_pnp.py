@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from jfb_ip import stored_tv_weight, tv_weight_path
+from jfb_ip.bench.tv_weights import TASKS
 from jfb_ip.checkpoint import load_network
 from jfb_ip.methods import PnPADMM
 from jfb_ip.physics import (CT, Deblur, Downsampling, GaussianBlur, Identity, Inpaint, Inpainting, Measurement, MRI,
@@ -361,20 +363,19 @@ def test_tv_weight_search_finds_the_peak_of_a_unimodal_score():
     assert max(scores, key=scores.get) == pytest.approx(peak) and psnr_score(solve(10 ** best, None), x) > 0
 
 
-TASKS = ["deblur", "inpaint", "sr2", "sr4", "ct", "mri4x", "mri8x"]
 STORED = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "tv_weights").glob("*.yaml"))
 
 
 def test_every_task_has_a_stored_tv_weight_on_its_default_data():
-    assert {f"{t}_{'phantoms' if t in ('ct', 'mri4x', 'mri8x') else 'natural'}" for t in TASKS} <= set(STORED)
+    from conftest import picks_phantoms
+
+    assert {f"{t}_{'phantoms' if picks_phantoms(t) else 'natural'}" for t in TASKS} <= set(STORED)
 
 
 @pytest.mark.parametrize("stored", STORED)
 def test_every_stored_tv_weight_is_what_method_tv_and_the_tv_row_use(stored, tmp_path):
     import hydra
     from omegaconf import OmegaConf
-
-    from jfb_ip import stored_tv_weight, tv_weight_path
 
     task, data = stored.rsplit("_", 1)
     lam = float(OmegaConf.load(tv_weight_path(task, data)).tv_weight)
@@ -475,7 +476,6 @@ import sys  # noqa: E402
 
 from conftest import ROOT, TINY, compose_cfg, write_images  # noqa: E402
 from jfb_ip.lit.errors import ConfigError, main_guard  # noqa: E402
-from jfb_ip import stored_tv_weight  # noqa: E402
 from jfb_ip.lit.run import evaluate, train  # noqa: E402
 
 EVAL_SMALL = ["data.image_size=16", "data.eval_batch_size=4", "data.num_workers=0"]
