@@ -390,6 +390,54 @@ def test_every_stored_tv_weight_is_what_method_tv_and_the_tv_row_use(stored, tmp
     assert compose_cfg("train", [f"task={task}", f"data={data}"], tmp_path).method.tv_weight == pytest.approx(lam)
 
 
+@pytest.mark.parametrize("stored", STORED)
+def test_every_stored_tv_weight_names_the_task_settings_of_its_pair(stored, tmp_path):
+    """A stored weight records the task it was chosen for, and that is the task its pair composes to today: a change
+    of conf/task/ (a noise level, a kernel) without a new search fails here."""
+    from omegaconf import OmegaConf
+
+    from jfb_ip import stored_tv_weight_task
+
+    task, data = stored.rsplit("_", 1)
+    cfg = compose_cfg("train", [f"task={task}", f"data={data}", "logger=none"], tmp_path)
+    assert stored_tv_weight_task(task, data) == OmegaConf.to_container(cfg.task, resolve=True)
+
+
+def test_a_run_whose_task_settings_differ_drops_the_stored_tv_weight(tmp_path, caplog):
+    """task.noise_std=0.05 is not the task TV's stored weight was chosen for: method=tv searches, the test table has no
+    tv row, DE-GRAD starts from the default weight; an initializer change (task.init) keeps it."""
+    import hydra
+
+    from jfb_ip.lit.run import check_tv_weight_task, default_data
+    from jfb_ip.methods.tv import default_tv_lambda_grid
+
+    lam = stored_tv_weight("deblur", "natural")
+    cfg = compose_cfg("train", ["method=tv", "task.noise_std=0.05", "logger=none"], tmp_path)
+    assert cfg.tv_weight == pytest.approx(lam)  # composed: the stored file is selected by name
+    with caplog.at_level("WARNING"):
+        check_tv_weight_task(cfg)
+    assert cfg.tv_weight is None and "task.noise_std=0.05 (stored for 0.01)" in caplog.text
+    assert hydra.utils.instantiate(cfg.method).lambda_grid == default_tv_lambda_grid()
+    assert hydra.utils.instantiate(cfg.references.tv) is None
+    cfg = compose_cfg("train", ["task.variance=2.0", "logger=none"], tmp_path)
+    check_tv_weight_task(cfg)
+    assert cfg.method.tv_weight == pytest.approx(1e-3) and cfg.tv_weight is None
+    # kept: the pair's own settings, another initializer, an explicit weight
+    for extra in ([], ["task=inpaint", "task.init=fill"], ["method=pnp_admm", "task=inpaint"]):
+        cfg = compose_cfg("train", [*extra, "logger=none"], tmp_path)
+        check_tv_weight_task(cfg)
+        assert cfg.tv_weight is not None, extra
+    cfg = compose_cfg("train", ["method=tv", "task.noise_std=0.05", "method.lam=0.002", "logger=none"], tmp_path)
+    check_tv_weight_task(cfg)
+    assert float(hydra.utils.instantiate(cfg.method).lam) == pytest.approx(0.002)
+    # evaluate.py without a data group takes the default data's stored weight and its settings
+    cfg = compose_cfg("evaluate", ["method=tv", "task=sr4", "task.factor=2"], tmp_path)
+    default_data(cfg)
+    assert cfg.tv_weight == stored_tv_weight("sr4", "natural")
+    check_tv_weight_task(cfg)
+    assert cfg.tv_weight is None
+
+
 def test_without_a_stored_weight_tv_searches_and_the_tv_row_is_absent(tmp_path, image_folder):
     import hydra
 
@@ -517,7 +565,8 @@ def test_evaluate_pnp_admm_without_checkpoint_on_a_folder(png_folder, tmp_path, 
 
 def test_evaluate_wiener_without_checkpoint_equals_train_py(tmp_path):
     """The same seeded val/test measurements as train.py method=wiener (which tunes on val, then tests)."""
-    tiny = [o for o in TINY if not o.startswith(("method.", "solver.", "debug", "logger"))]
+    # the task as stored (TINY's 5x5 kernel would drop the stored weight: its settings differ)
+    tiny = [o for o in TINY if not o.startswith(("method.", "solver.", "debug", "logger", "task."))]
     (tmp_path / "t").mkdir(), (tmp_path / "e").mkdir()
     trained = train(compose_cfg("train", tiny + ["method=wiener", "logger=none", "trainer=cpu"], tmp_path / "t"))
     data = [o for o in tiny if o.startswith(("data.", "task."))]
@@ -586,7 +635,8 @@ def test_train_py_test_table_has_a_tv_row_at_the_stored_weight(tmp_path):
     from jfb_ip.lit.calibration import image_metrics
     from jfb_ip.lit.run import build_module
 
-    tiny = [o for o in TINY if not o.startswith(("method.", "solver.", "debug", "logger"))]
+    # the task as stored (TINY's 5x5 kernel would drop the stored weight: its settings differ)
+    tiny = [o for o in TINY if not o.startswith(("method.", "solver.", "debug", "logger", "task."))]
     cfg = compose_cfg("train", tiny + ["method=wiener", "logger=none", "trainer=cpu"], tmp_path)
     out = train(cfg)
     lam = stored_tv_weight("deblur", "natural")
@@ -606,7 +656,8 @@ def test_the_command_a_stored_tv_weight_names_parses_back_to_its_task_and_overri
 
     monkeypatch.setattr(tv_weights, "tv_weight_path", lambda task, data: tmp_path / f"{task}_{data}.yaml")
     monkeypatch.setattr(tv_weights, "run_task", lambda task, overrides: {
-        "task": task, "data": "celeba", "lam": 5.62e-4, "psnr": 25.98, "ssim": 0.818, "converged": 1.0,
+        "task": task, "data": "celeba", "task_cfg": {"_target_": "jfb_ip.physics.Deblur", "noise_std": 0.02},
+        "lam": 5.62e-4, "psnr": 25.98, "ssim": 0.818, "converged": 1.0,
         "iters_mean": 238.0, "iters_max": 373, "seconds_search": 1.0, "seconds_test": 1.0})
     tv_weights.main(["--tasks", "deblur", "--write", "data=celeba", "data.root=/home/me/faces", "data.image_size=64"])
     text = (tmp_path / "deblur_celeba.yaml").read_text()
@@ -615,3 +666,7 @@ def test_the_command_a_stored_tv_weight_names_parses_back_to_its_task_and_overri
     assert args.tasks == ["deblur"] and args.write
     assert args.overrides == ["data=celeba", "data.root=<dir>", "data.image_size=64"]  # the user's path is not kept
     assert "tv_weight: 0.000562" in text
+    from omegaconf import OmegaConf
+
+    stored = OmegaConf.load(tmp_path / "deblur_celeba.yaml")
+    assert OmegaConf.to_container(stored.tv_weight_task) == {"_target_": "jfb_ip.physics.Deblur", "noise_std": 0.02}

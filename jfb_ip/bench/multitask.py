@@ -10,10 +10,10 @@
    ``<--out>/runs/<timestamp>/``.
 2. Evaluates on the held-out embedded test crops the tasks of Tables I-II of [4]: completion with 80% and 90%
    of the pixels dropped (no noise), Gaussian deblurring with blur std 1.6 and 2.0 (noise 0.01), bicubic
-   super-resolution x2 and x3 (noise 0 and 0.01). Rows: TV (its lambda tuned on the validation crops), PnP-ADMM
-   with the Gaussian denoiser, PnP-ADMM with the MTDEQ prior (the same ``method=pnp_admm`` config, schedule and
-   iterations for both priors: only the checkpoint differs, as in [4] §III-C), DE-GRAD trained on each task
-   (skipped with ``--no-degrad``; ``--quick`` skips it), and "MTDEQ - Gauss", the gain of the MTDEQ prior.
+   super-resolution x2 and x3 (noise 0 and 0.01). Rows: TV (its lambda searched on each problem's validation
+   crops), PnP-ADMM with the Gaussian denoiser, PnP-ADMM with the MTDEQ prior (the same ``method=pnp_admm`` config,
+   schedule and iterations for both priors: only the checkpoint differs, as in [4] §III-C), DE-GRAD trained on each
+   task (skipped with ``--no-degrad``; ``--quick`` skips it), and "MTDEQ - Gauss", the gain of the MTDEQ prior.
 3. Prints the table (PSNR; SSIM in the JSON), writes JSON rows ``{method, task, psnr, ssim}`` and a PNG.
 
 Every evaluation runs like ``train.py`` of a method with nothing to train (validation for what is tuned there,
@@ -34,11 +34,13 @@ from ..lit.run import build_module, train
 from .common import (compose_train, existing_file, fresh_run_dir, module_groups, output_dir, output_file, pyplot,
                      save_figure, seeded_split_batch, write_outputs)
 
-# Tables I-II of [4]: name -> task overrides (the blur kernel: 15 x 15, as task=multitask's, +-3.5 std at 2.0;
-# completion starts from y with its dropped pixels at 0, as MTDEQ was trained, whatever task=inpaint's default init)
+# Tables I-II of [4]: name -> task overrides (the blur kernel: 15 x 15, as task=multitask's, +-3.5 std at 2.0).
+# Completion: PnP-ADMM starts from the normalized-convolution fill (conf/method_task/pnp_admm_inpaint.yaml: from y
+# with its dropped pixels at 0, its first denoiser step sees an image 80-90% black); MTDEQ's own FB rows start from
+# y, as MTDEQ was trained.
 TASKS = {
-    "comp80": ["task=inpaint", "task.p_drop=0.8", "task.noise_std=0.0", "task.init=zeros"],
-    "comp90": ["task=inpaint", "task.p_drop=0.9", "task.noise_std=0.0", "task.init=zeros"],
+    "comp80": ["task=inpaint", "task.p_drop=0.8", "task.noise_std=0.0"],
+    "comp90": ["task=inpaint", "task.p_drop=0.9", "task.noise_std=0.0"],
     "blur1.6": ["task=deblur", "task.kernel_size=15", "task.variance=2.56", "task.noise_std=0.01"],
     "blur2.0": ["task=deblur", "task.kernel_size=15", "task.variance=4.0", "task.noise_std=0.01"],
     "sr2_n0": ["task=sr2", "task.noise_std=0.0"],
@@ -147,7 +149,9 @@ def evaluate_rows(b: dict, out: Path, extra: list[str], ckpts: dict, degrad: boo
         print(f"{task:<10} PnP schedule (best for the Gaussian prior on val): {' '.join(schedule)} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
         search = [] if b["lam_search"] else ["method.lambda_grid=[]"]
-        methods = {"tv": ["method=tv"],
+        # TV's weight searched on these validation crops: conf/tv_weights/ stores one for each task's default
+        # parameters, not for these blurs, noise levels and drop rates
+        methods = {"tv": ["method=tv", "method.lam=null"],
                    "pnp_gauss": ["method=pnp_admm", f"method.denoiser.path={ckpts['denoiser_ckpt']}", *schedule,
                                  *search],
                    "pnp_mtdeq": ["method=pnp_admm", f"method.denoiser.path={ckpts['mtdeq_ckpt']}", *schedule,

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from .. import tv_weight_path
 from ..lit.calibration import image_metrics, psnr_score
@@ -86,14 +87,16 @@ def run_task(task: str, overrides: list[str]) -> dict:
     t2 = time.perf_counter()
     psnr, ssim = image_metrics(x_hat, x_test)
     it = stats.iterations.double()
-    return {"task": task, "data": data, "lam": lam, "val_psnr": max(scores.values()), "n_solves_val": len(scores),
+    return {"task": task, "data": data, "task_cfg": OmegaConf.to_container(cfg.task, resolve=True), "lam": lam,
+            "val_psnr": max(scores.values()), "n_solves_val": len(scores),
             "psnr": psnr.mean().item(), "ssim": ssim.mean().item(), "converged": stats.converged.double().mean().item(),
             "iters_mean": it.mean().item(), "iters_max": int(it.max()), "seconds_search": t1 - t0,
             "seconds_test": t2 - t1, "n_test": int(x_test.shape[0]), "tol": method.tol, "max_iter": method.max_iter}
 
 
 def write_weight(row: dict, command: str) -> Path:
-    """``tv_weight: <lam>`` into ``conf/tv_weights/<task>_<data>.yaml``, with the test row and the command."""
+    """``tv_weight: <lam>`` and ``tv_weight_task`` (the task settings it was chosen for) into
+    ``conf/tv_weights/<task>_<data>.yaml``, with the test row and the command."""
     path = tv_weight_path(row["task"], row["data"])
     path.parent.mkdir(exist_ok=True)
     path.write_text(
@@ -102,7 +105,9 @@ def write_weight(row: dict, command: str) -> Path:
         f"# {command}\n"
         f"# (test: {row['psnr']:.2f} dB, SSIM {row['ssim']:.3f}, {row['converged']:.0%} converged, "
         f"{row['iters_mean']:.0f} iterations on average).\n"
-        f"tv_weight: {row['lam']:.3g}\n")
+        f"tv_weight: {row['lam']:.3g}\n"
+        "# the task settings it was chosen for: a run whose task differs drops it (jfb_ip.lit.run.check_tv_weight_task)\n"
+        + OmegaConf.to_yaml({"tv_weight_task": row["task_cfg"]}))
     return path
 
 

@@ -11,7 +11,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .. import config_dir, stored_tv_weight
+from .. import config_dir, stored_tv_weight, stored_tv_weight_task
 from ..checkpoint import check_state_fits, load_checkpoint, load_weights
 from ..data import DatasetError
 from .callbacks import ReferenceRows, TestTable, TrainingStats
@@ -74,6 +74,7 @@ def _trainer(cfg: DictConfig, callbacks: list, loggers: list) -> L.Trainer:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit, save ``<run dir>/checkpoints/last.ckpt``, test, write ``metrics.json`` and ``examples.png``."""
     t0 = time.perf_counter()
+    check_tv_weight_task(cfg)
     check_run_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
@@ -271,6 +272,34 @@ def default_data(cfg: DictConfig) -> None:
         cfg.data = OmegaConf.load(config_dir() / "data" / f"{train_default('data')}.yaml")
         if cfg.get("tv_weight") is None and choice("task"):
             cfg.tv_weight = stored_tv_weight(choice("task"), train_default("data"))
+            cfg.tv_weight_task = stored_tv_weight_task(choice("task"), train_default("data"))
+
+
+# task keys TV's weight does not depend on: the initializer moves where a solve starts, not TV's minimiser
+TV_WEIGHT_IGNORES = ("init", "init_mode")
+
+
+def check_tv_weight_task(cfg: DictConfig) -> None:
+    """Drop TV's stored weight (``tv_weight = None``) when this run's task settings are not those it was chosen for
+    (``tv_weight_task``, from the stored file): a weight tuned at noise 0.01 is no reference at noise 0.05. Then
+    ``method=tv`` searches its weight on the validation split, the test table has no ``tv`` row, and DE-GRAD's TV
+    initializers start from the default weight. An explicit ``method.lam=<w>`` or ``references.tv.lam=<w>`` is kept.
+    The initializer (``task.init``, ``task.init_mode``) may differ."""
+    stored = cfg.get("tv_weight_task")
+    if cfg.get("tv_weight") is None or stored is None or not cfg.get("task"):
+        return
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    stored = OmegaConf.to_container(stored, resolve=True) if isinstance(stored, DictConfig) else dict(stored)
+    changed = [f"task.{k}={task.get(k)} (stored for {stored.get(k)})" for k in sorted(set(task) | set(stored))
+               if k not in TV_WEIGHT_IGNORES and task.get(k) != stored.get(k)]
+    if not changed:
+        return
+    log.warning("TV's stored weight %g was chosen for other task settings (%s): not used; method=tv searches its "
+                "weight on the validation split and the test table has no tv row (store one for these settings: "
+                "python -m jfb_ip.bench.tv_weights --write <overrides>, or give method.lam / references.tv.lam)",
+                cfg.tv_weight, "; ".join(changed))
+    with open_dict(cfg):
+        cfg.tv_weight = None
 
 
 def evaluate_without_checkpoint(cfg: DictConfig) -> dict[str, Any]:
@@ -295,6 +324,7 @@ def evaluate_without_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     if not cfg.get("task"):
         raise ConfigError(f"evaluate.py method={name} needs a task: add task=<task> (e.g. task=deblur)")
     default_data(cfg)
+    check_tv_weight_task(cfg)
     check_run_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_config = OmegaConf.to_container(cfg, resolve=True)
