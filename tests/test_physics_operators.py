@@ -67,7 +67,9 @@ ADJOINT_CASES = [
      lambda op, s: kspace_shape(s), [(2, 2, 9, 10)]),
     ("ct", lambda s: CT.parallel_beam(s[-2:], n_angles=7), ct_sino_shape, [(2, 2, 11, 11), (1, 3, 9, 13)]),
     ("ct random angles, chunked", lambda s: CT(torch.rand(5, generator=gen(6)) * 6.3, s[-2:], detector_size=9,
-                                                max_elements=300), ct_sino_shape, [(2, 1, 7, 8)]),
+                                                max_elements=300, matrix_nnz=0), ct_sino_shape, [(2, 1, 7, 8)]),
+    ("ct grid_sample kernels", lambda s: CT.parallel_beam(s[-2:], n_angles=7, matrix_nnz=0), ct_sino_shape,
+     [(2, 2, 11, 11)]),
 ]
 
 
@@ -251,10 +253,26 @@ def test_ct_disc_is_rotation_invariant_and_fbp_recovers_a_smooth_phantom():
     assert CT.parallel_beam(16).n_angles == 9 and CT.parallel_beam(4).n_angles == 8
 
 
+def test_ct_sparse_matrix_equals_the_grid_sample_kernels():
+    """The sparse matrix built from the bilinear weights and grid_sample's own interpolation (and its backward, the
+    scatter) give the same A and A^T: on random angles, a non-square image and a detector narrower than the image."""
+    x = torch.rand(3, 2, 10, 13, generator=gen(15), dtype=F64)
+    for make in (lambda **k: CT(torch.rand(6, generator=gen(14)) * 6.3, (10, 13), detector_size=11, **k),
+                 lambda **k: CT.parallel_beam(24, n_angles=13, **k)):
+        sparse, kernels = make(), make(matrix_nnz=0)
+        xi = x if sparse.image_size == (10, 13) else torch.rand(2, 1, 24, 24, generator=gen(13), dtype=F64)
+        assert sparse._matrices(F64, "cpu") is not None and kernels._matrices(F64, "cpu") is None
+        y = kernels.A(xi)
+        assert torch.allclose(sparse.A(xi), y, atol=1e-12)
+        assert torch.allclose(sparse.A_adjoint(y), kernels.A_adjoint(y), atol=1e-12)
+    # too many weights for the bound: the kernels
+    assert CT.parallel_beam(24, n_angles=13, matrix_nnz=1000)._matrices(F64, "cpu") is None
+
+
 def test_ct_chunking_does_not_change_the_result():
     x = torch.rand(2, 2, 10, 12, generator=gen(16), dtype=F64)
-    whole = CT.parallel_beam((10, 12), n_angles=9)
-    chunked = CT.parallel_beam((10, 12), n_angles=9, max_elements=1)
+    whole = CT.parallel_beam((10, 12), n_angles=9, matrix_nnz=0)
+    chunked = CT.parallel_beam((10, 12), n_angles=9, max_elements=1, matrix_nnz=0)
     assert len(chunked._chunks(4)) == 9
     y = whole.A(x)
     assert torch.allclose(chunked.A(x), y, atol=1e-12)

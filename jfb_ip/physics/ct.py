@@ -12,10 +12,18 @@ That map is linear with fixed interpolation weights, so its transpose is the sca
 same weights: the input gradient of ``grid_sample``. A^T uses exactly that kernel, so the
 adjoint is exact to rounding, and both A and A^T are ``autograd.Function``s whose backward is
 the other one: differentiable to any order, and A's backward stores no activations.
+
+Where those weights fit in memory (``matrix_nnz``: 48 x 48 images have 0.14 M of them, 128 x 128
+about 9 M), they are assembled once into a sparse CSR matrix and its transpose, and A and A^T are
+sparse products: on one CPU thread for 32 images of 48 x 48, A takes 2.5 ms instead of 13 and A^T
+0.8 ms instead of 37 (the scatter of ``grid_sample``'s backward), which is what iterative solvers
+(TV on CT, DE-GRAD's gradient steps) spend their time on. Larger operators keep the
+``grid_sample`` kernels, in chunks of angles.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -30,6 +38,8 @@ INIT_MODES = ("adjoint", "fbp")
 _REF_SIDE, _REF_ANGLES, _MIN_ANGLES = 362, 200, 8
 # operators whose full sampling grid has at most this many elements keep it between calls
 _GRID_CACHE_ELEMENTS = 2**24
+# devices with sparse CSR matrix products
+_SPARSE_DEVICES = ("cpu", "cuda")
 
 
 class _Radon(torch.autograd.Function):
@@ -71,10 +81,14 @@ class CT(LinearOperator):
         init_mode: what :meth:`init` returns: 'adjoint' (A^T y, as Guan et al. [3]) or 'fbp'.
         max_elements: bound on the elements of one chunk of sampled rays (B * C * angles * D *
             ray samples); angles are processed in chunks under it to bound memory.
+        matrix_nnz: A and A^T are sparse matrix products where the interpolation weights (at most
+            4 * angles * D * ray samples) are no more than this, on CPU and CUDA; 0: always the
+            ``grid_sample`` kernels.
     """
 
     def __init__(self, angles: Sequence[float] | Tensor, image_size: int | tuple[int, int],
-                 detector_size: int | None = None, init_mode: str = "adjoint", max_elements: int = 2**25):
+                 detector_size: int | None = None, init_mode: str = "adjoint", max_elements: int = 2**25,
+                 matrix_nnz: int = 2**24):
         if init_mode not in INIT_MODES:
             raise ValueError(f"CT: init_mode must be one of {INIT_MODES}, got {init_mode!r}")
         H, W = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -89,7 +103,9 @@ class CT(LinearOperator):
         self.n_ray = diag  # unit steps along t cover the image diagonal at every angle
         self.init_mode = init_mode
         self.max_elements = int(max_elements)
+        self.matrix_nnz = int(matrix_nnz)
         self._grid_cache: dict = {}
+        self._matrix_cache: dict = {}
 
     @classmethod
     def parallel_beam(cls, image_size: int | tuple[int, int], n_angles: int | None = None,
@@ -128,6 +144,41 @@ class CT(LinearOperator):
         # align_corners=False: pixel i's centre, at offset i - (N-1)/2, has coordinate 2 * offset / N
         return torch.stack([2 * px / W, 2 * py / H], dim=-1).reshape(1, -1, T, 2).to(dtype)
 
+    def _matrices(self, dtype, device) -> tuple[Tensor, Tensor] | None:
+        """(A, A^T) as sparse CSR matrices, (n_angles * D, H * W) and its transpose, built once per dtype
+        and device; None where they would exceed ``matrix_nnz`` or the device has no CSR products."""
+        device = torch.device(device)
+        if device.type not in _SPARSE_DEVICES or 4 * self.n_angles * self.detector_size * self.n_ray > self.matrix_nnz:
+            return None
+        key = (dtype, device)
+        if key not in self._matrix_cache:
+            m = self._weights()
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": products of a fixed matrix only
+                warnings.simplefilter("ignore", UserWarning)
+                self._matrix_cache[key] = tuple(w.to(dtype=dtype).to_sparse_csr().to(device)
+                                                for w in (m, m.t().coalesce()))
+        return self._matrix_cache[key]
+
+    def _weights(self) -> Tensor:
+        """The bilinear weights of every ray sample, summed along each ray: A as a coalesced float64 COO
+        matrix. The same sample positions as :meth:`_make_grid`; grid_sample (align_corners=False) reads
+        coordinate 2 * offset / N at pixel offset + (N - 1) / 2, and zero outside the image."""
+        H, W = self.image_size
+        D, T, n = self.detector_size, self.n_ray, self.n_angles
+        g = self._make_grid(0, n, torch.float64, "cpu").reshape(n * D, T, 2)
+        ix, iy = (g[..., 0] * W + W - 1) / 2, (g[..., 1] * H + H - 1) / 2
+        x0, y0 = ix.floor(), iy.floor()
+        fx, fy = ix - x0, iy - y0
+        rows = torch.arange(n * D)[:, None].expand(-1, T)
+        idx, vals = [], []
+        for dx, dy, w in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)), (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+            xi, yi = (x0 + dx).long(), (y0 + dy).long()
+            keep = (xi >= 0) & (xi < W) & (yi >= 0) & (yi < H) & (w != 0)
+            idx.append(torch.stack([rows[keep], yi[keep] * W + xi[keep]]))
+            vals.append(w[keep])
+        return torch.sparse_coo_tensor(torch.cat(idx, 1), torch.cat(vals), (n * D, H * W),
+                                       check_invariants=True).coalesce()
+
     def _chunks(self, batch_channels: int):
         per_angle = max(1, batch_channels * self.detector_size * self.n_ray)
         step = max(1, self.max_elements // per_angle)
@@ -146,6 +197,9 @@ class CT(LinearOperator):
     # --- the two kernels (no autograd inside: the Functions above define the derivatives) ---
     def _project(self, x: Tensor) -> Tensor:
         B, C, H, W = x.shape
+        mats = self._matrices(x.dtype, x.device)
+        if mats is not None:
+            return (mats[0] @ x.reshape(B * C, H * W).T).T.reshape(B, C, self.n_angles, self.detector_size)
         xs = x.reshape(1, B * C, H, W)  # the batch rides on channels so one shared grid serves all
         out = []
         for a0, a1 in self._chunks(B * C):
@@ -157,6 +211,9 @@ class CT(LinearOperator):
     def _backproject(self, y: Tensor) -> Tensor:
         B, C = y.shape[:2]
         H, W = self.image_size
+        mats = self._matrices(y.dtype, y.device)
+        if mats is not None:
+            return (mats[1] @ y.reshape(B * C, -1).T).T.reshape(B, C, H, W)
         zeros = y.new_zeros(1, B * C, H, W)  # grid_sampler's backward reads only its shape here
         x = y.new_zeros(1, B * C, H, W)
         for a0, a1 in self._chunks(B * C):
@@ -199,5 +256,5 @@ class CT(LinearOperator):
         return self.fbp(y) if self.init_mode == "fbp" else self.A_adjoint(y)
 
     def to(self, device=None, dtype=None) -> "CT":
-        self._grid_cache = {}
+        self._grid_cache, self._matrix_cache = {}, {}
         return super().to(device, dtype)
