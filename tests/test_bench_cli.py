@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from jfb_ip.bench import backward, common, compare, convergence, memory, multitask
+from jfb_ip.bench import backward, common, compare, convergence, memory, multitask, operators
 
 # (bench module, argv with {tmp} for a scratch folder holding a regular file {tmp}/file, expected message)
 BAD = [
@@ -51,6 +51,8 @@ BAD = [
     (multitask, ["--denoiser-ckpt", "{tmp}/none.ckpt"], "argument --denoiser-ckpt: {tmp}/none.ckpt does not exist"),
     (multitask, ["--mtdeq-ckpt", "{tmp}"], "argument --mtdeq-ckpt: {tmp} is a directory, not a file"),
     (multitask, ["--png", "{tmp}/file/multitask.png"], "{tmp}/file is not a directory"),
+    (operators, ["--sizes", "48", "2"], "argument --sizes: must be an integer >= 4, got '2'"),
+    (operators, ["--json", "{tmp}"], "argument --json: {tmp} is a directory, not a file"),
 ]
 
 
