@@ -103,6 +103,14 @@ def write_outputs(payload: dict, json_path, png_path, plot) -> None:
         print(f"wrote {png_path}")
 
 
+def finish_rows(rows: list[dict], table, json_path) -> list[dict]:
+    """Print ``table(rows)`` (a bench's whole table) and write the rows to ``json_path`` where given."""
+    print("\n" + table(rows))
+    if json_path:
+        write_outputs({"rows": rows}, json_path, None, None)
+    return rows
+
+
 # argparse types: a bad value ends in argparse's usage line and one "argument --x: ..." line (exit status 2), before
 # any work, instead of a traceback minutes later
 

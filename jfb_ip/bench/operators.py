@@ -17,7 +17,7 @@ import time
 import torch
 
 from ..physics.ct import CT
-from .common import device, int_at_least, output_file, write_outputs
+from .common import device, finish_rows, int_at_least, output_file
 
 
 def _best_ms(f, repeats: int) -> float:
@@ -85,10 +85,7 @@ def main(argv=None) -> list[dict]:
     for side in args.sizes:
         rows.append(measure(side, args.batch, args.repeats, args.device))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
-    print("\n" + table(rows))
-    if args.json:
-        write_outputs({"rows": rows}, args.json, None, None)
-    return rows
+    return finish_rows(rows, table, args.json)
 
 
 if __name__ == "__main__":

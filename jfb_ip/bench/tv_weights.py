@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from .. import tv_weight_path
 from ..lit.calibration import image_metrics, psnr_score
 from ..lit.run import build_module
-from .common import compose_train, module_groups, seeded_split_batch, write_outputs
+from .common import compose_train, finish_rows, module_groups, seeded_split_batch
 
 TASKS = ("deblur", "inpaint", "sr2", "sr4", "ct", "mri4x", "mri8x")
 # log10 of the first weight and the search's steps (decades)
@@ -141,10 +141,7 @@ def main(argv=None) -> list[dict]:
             shown = [o.split("=")[0] + "=<dir>" if o.startswith("data.root=") else o for o in args.overrides]
             write_weight(row, " ".join(["python -m jfb_ip.bench.tv_weights", f"--tasks {task}", "--write", *shown]))
         print(table([row]).splitlines()[-1], flush=True)
-    print("\n" + table(rows))
-    if args.json:
-        write_outputs({"rows": rows}, args.json, None, None)
-    return rows
+    return finish_rows(rows, table, args.json)
 
 
 if __name__ == "__main__":
