@@ -670,3 +670,14 @@ def test_the_command_a_stored_tv_weight_names_parses_back_to_its_task_and_overri
 
     stored = OmegaConf.load(tmp_path / "deblur_celeba.yaml")
     assert OmegaConf.to_container(stored.tv_weight_task) == {"_target_": "jfb_ip.physics.Deblur", "noise_std": 0.02}
+
+
+def test_evaluate_tv_has_no_tv_row_beside_itself_and_wiener_keeps_it(tmp_path):
+    """evaluate.py method=tv: the model row is TV at the stored weight, so no tv reference row repeats it; another
+    method evaluated at the same settings keeps the row."""
+    small = ["task=deblur", "data=natural", "data.image_size=16", "data.dataset.eval_crops=4", "data.eval_batch_size=4",
+             "logger=none"]
+    tv = evaluate(compose_cfg("evaluate", ["method=tv", *small], tmp_path / "tv"))["test"]
+    wiener = evaluate(compose_cfg("evaluate", ["method=wiener", *small], tmp_path / "wiener"))["test"]
+    assert "tv" not in tv and "wiener" in tv and "model" in tv
+    assert wiener["tv"]["psnr"] == pytest.approx(tv["model"]["psnr"])  # the same solve: the stored weight

@@ -311,7 +311,7 @@ def evaluate_without_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     without a validation split (``data=folder`` with no ``<root>/val``) is refused with the fix, since the search
     never looks at test images, unless ``method.lambda_grid=[]`` (``method.lam`` as given; the reference rows then
     keep their default weights, with a warning)."""
-    from ..methods import CalibratedMethod
+    from ..methods import TV, CalibratedMethod
 
     if not cfg.get("method"):
         raise ConfigError(f"evaluate.py needs ckpt_path=<run dir>/checkpoints/last.ckpt, or method=<m> task=<t> for "
@@ -334,7 +334,11 @@ def evaluate_without_checkpoint(cfg: DictConfig) -> dict[str, Any]:
                                             "module": {"_target_": "jfb_ip.lit.ReconstructionModule",
                                                        "seed": cfg.seed}}), run_config)
     method = module.method
-    run = RunCallbacks(cfg.get("references"), cfg.grid_images)
+    references = cfg.get("references")
+    if references is not None and "tv" in references and isinstance(method, TV):
+        # method=tv: the tv row would repeat the model row (the same solver at the same stored weight)
+        references = {k: v for k, v in OmegaConf.to_container(references, resolve=True).items() if k != "tv"}
+    run = RunCallbacks(references, cfg.grid_images)
     try:
         datamodule.validate("validate")
         has_val = True
