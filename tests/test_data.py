@@ -423,3 +423,72 @@ def test_channel_shuffle_reorders_colour_channels_only():
 def test_augmentation_switches_must_be_booleans(key):
     with pytest.raises(DatasetError, match=key):
         NaturalImages("train", 32, 3, 4, **{key: "yes"})
+
+
+# ---- DICOM slices --------------------------------------------------------------------------------------------------
+def write_dicom(path, pixels, slope=1.0, intercept=0.0, frames=1):
+    """A minimal CT DICOM file of int16 pixels (rows x columns, or frames x rows x columns) with a rescale."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "CT"
+    arr = np.asarray(pixels, dtype=np.int16)
+    ds.Rows, ds.Columns = arr.shape[-2:]
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = arr.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dicom_slice_is_rescaled_then_scaled_by_its_own_range(tmp_path):
+    raw = np.random.default_rng(0).integers(-200, 1800, size=(9, 11))
+    write_dicom(tmp_path / "a.dcm", raw, slope=2.0, intercept=-1024.0)
+    hu = raw * 2.0 - 1024.0  # the rescale DICOM defines, then min -> 0, max -> 1
+    want = (hu - hu.min()) / (hu.max() - hu.min())
+    got = load_image(tmp_path / "a.dcm", channels=1)
+    assert got.shape == (1, 9, 11) and np.allclose(got[0].numpy(), want, atol=1e-6)
+    assert torch.equal(load_image(tmp_path / "a.dcm", channels=3), got.expand(3, -1, -1))
+
+
+def test_bad_dicom_files_name_the_file_and_the_fix(tmp_path):
+    write_dicom(tmp_path / "frames.dcm", np.arange(2 * 4 * 5).reshape(2, 4, 5), frames=2)
+    write_dicom(tmp_path / "flat.dcm", np.full((4, 5), 7))
+    (tmp_path / "text.dcm").write_text("not a DICOM file")
+    for name, message in (("frames.dcm", "one grayscale slice is expected"), ("flat.dcm", "the slice is constant"),
+                          ("text.dcm", "cannot read DICOM slice")):
+        with pytest.raises(DatasetError, match=message) as e:
+            load_image(tmp_path / name, channels=1)
+        assert name in str(e.value)
+
+
+def test_a_folder_of_dicom_slices_is_an_image_folder(tmp_path):
+    test = tmp_path / "test"
+    test.mkdir()
+    for i in range(3):
+        write_dicom(test / f"slice{i}.dcm", np.random.default_rng(i).integers(0, 4000, size=(20, 24)))
+    ds = ImageFolder("test", image_size=16, root=tmp_path, channels=1)
+    ds.check()
+    assert len(ds) == 3 and all(ds[i][0].shape == (1, 16, 16) for i in range(3))
+
+
+def test_real_slices_from_the_installed_package(tmp_path):
+    """python -m jfb_ip.data.real_slices: pydicom's four real slices, in the data=folder layout, all readable."""
+    from jfb_ip.data.real_slices import main
+
+    written = main([str(tmp_path)])
+    shapes = {p.name: tuple(load_image(p, 1).shape[-2:]) for files in written.values() for p in files}
+    assert shapes == {"MR_small.dcm": (64, 64), "examples_overlay.dcm": (300, 484), "CT_small.dcm": (128, 128),
+                      "J2K_pixelrep_mismatch.dcm": (512, 512)}
+    for modality in ("mr", "ct"):
+        assert len(ImageFolder("test", image_size=64, root=tmp_path / modality, channels=1, resize=64)) == 2

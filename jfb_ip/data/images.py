@@ -24,7 +24,7 @@ from torchvision.transforms import v2
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm"}
 
 
 class DatasetError(ValueError):
@@ -141,15 +141,47 @@ def _decoded_to_tensor(im: Image.Image, path: Path, channels: int) -> Tensor:
     return to_channels(torch.from_numpy(arr / white).float()[None], channels)
 
 
+def load_dicom(path: Path, channels: int) -> Tensor:
+    """One grayscale DICOM slice (CT, MR, ...) as float (channels, H, W) in [0, 1]: the stored values through the
+    file's rescale (CT: Hounsfield units), then scaled by the slice's own range, min -> 0 and max -> 1 (a DICOM
+    slice has no white level; its window is a display choice)."""
+    import pydicom
+    from pydicom.pixels import apply_rescale
+
+    try:
+        ds = pydicom.dcmread(path)
+        arr = np.asarray(apply_rescale(ds.pixel_array, ds), dtype=np.float64)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # pydicom raises many types (InvalidDicomError, NotImplementedError for a codec, ...)
+        raise DatasetError(f"cannot read DICOM slice {path}: {type(e).__name__}: {e}; replace or remove the "
+                           f"file") from e
+    if arr.ndim != 2:
+        raise DatasetError(f"{path}: a DICOM file of one grayscale slice is expected, got pixel data of shape "
+                           f"{arr.shape} ({ds.get('SamplesPerPixel', 1)} samples per pixel, "
+                           f"{ds.get('NumberOfFrames', 1)} frames); export single slices")
+    lo, hi = float(arr.min()), float(arr.max())
+    if not hi > lo:
+        raise DatasetError(f"{path}: the slice is constant ({lo:g}): nothing to reconstruct")
+    return to_channels(torch.from_numpy((arr - lo) / (hi - lo)).float()[None], channels)
+
+
 def load_image(path: Path, channels: int) -> Tensor:
     """Fully decode ``path`` into float (channels, H, W) in [0, 1].
 
     8-bit files (any Pillow mode: gray, RGB, palette, RGBA, CMYK...) go through Pillow's
     ``convert``. 16-bit (``I;16``, ``I;16B``...) and 32-bit integer (``I``) images are scaled by
     their bit depth, float (``F``) images must lie in [0, 1]. 16-bit RGB PNGs are read by Pillow
-    at 8-bit precision (correctly scaled). Any failure raises DatasetError naming the file.
+    at 8-bit precision (correctly scaled). DICOM files (``.dcm``): :func:`load_dicom`. Any failure
+    raises DatasetError naming the file.
     """
     path = Path(path)
+    if path.suffix.lower() == ".dcm":
+        try:
+            return load_dicom(path, channels)
+        except FileNotFoundError as e:
+            raise DatasetNotFoundError(f"image {path} does not exist (moved or deleted after the dataset "
+                                       f"was listed?)") from e
     try:
         with Image.open(path) as im:
             im.load()  # decode everything now: a truncated file fails here, with its path
