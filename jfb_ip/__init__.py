@@ -22,13 +22,6 @@ def stored_tv_weight(task: str, data: str) -> float | None:
     return float(OmegaConf.load(path).tv_weight) if path.is_file() else None
 
 
-def stored_tv_weight_task(task: str, data: str) -> dict | None:
-    """The task settings (``task`` group, resolved) TV's stored weight for ``task`` on ``data`` was chosen for."""
-    path = tv_weight_path(task, data)
-    stored = OmegaConf.load(path).get("tv_weight_task") if path.is_file() else None
-    return None if stored is None else OmegaConf.to_container(stored)
-
-
 def short_dirname(text: str, limit: int = 200) -> str:
     """``text`` as one directory name: path separators replaced, and if longer than ``limit`` its head plus a hash
     of the whole, so a sweep job's ``<num>_<overrides>`` stays under the file system's 255-byte limit (Hydra's

@@ -396,11 +396,11 @@ def test_every_stored_tv_weight_names_the_task_settings_of_its_pair(stored, tmp_
     of conf/task/ (a noise level, a kernel) without a new search fails here."""
     from omegaconf import OmegaConf
 
-    from jfb_ip import stored_tv_weight_task
-
     task, data = stored.rsplit("_", 1)
     cfg = compose_cfg("train", [f"task={task}", f"data={data}", "logger=none"], tmp_path)
-    assert stored_tv_weight_task(task, data) == OmegaConf.to_container(cfg.task, resolve=True)
+    settings = OmegaConf.to_container(OmegaConf.load(tv_weight_path(task, data)).tv_weight_task)
+    assert settings == OmegaConf.to_container(cfg.task, resolve=True)
+    assert OmegaConf.to_container(cfg.tv_weight_task) == settings  # what a run composes
 
 
 def test_a_run_whose_task_settings_differ_drops_the_stored_tv_weight(tmp_path, caplog):

@@ -176,13 +176,9 @@ def load_image(path: Path, channels: int) -> Tensor:
     raises DatasetError naming the file.
     """
     path = Path(path)
-    if path.suffix.lower() == ".dcm":
-        try:
-            return load_dicom(path, channels)
-        except FileNotFoundError as e:
-            raise DatasetNotFoundError(f"image {path} does not exist (moved or deleted after the dataset "
-                                       f"was listed?)") from e
     try:
+        if path.suffix.lower() == ".dcm":
+            return load_dicom(path, channels)
         with Image.open(path) as im:
             im.load()  # decode everything now: a truncated file fails here, with its path
             return _decoded_to_tensor(im, path, channels)

@@ -11,7 +11,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .. import config_dir, stored_tv_weight, stored_tv_weight_task
+from .. import config_dir, tv_weight_path
 from ..checkpoint import check_state_fits, load_checkpoint, load_weights
 from ..data import DatasetError
 from .callbacks import ReferenceRows, TestTable, TrainingStats
@@ -270,9 +270,10 @@ def default_data(cfg: DictConfig) -> None:
         return
     with open_dict(cfg):
         cfg.data = OmegaConf.load(config_dir() / "data" / f"{train_default('data')}.yaml")
-        if cfg.get("tv_weight") is None and choice("task"):
-            cfg.tv_weight = stored_tv_weight(choice("task"), train_default("data"))
-            cfg.tv_weight_task = stored_tv_weight_task(choice("task"), train_default("data"))
+        stored = tv_weight_path(choice("task"), train_default("data")) if choice("task") else None
+        if cfg.get("tv_weight") is None and stored is not None and stored.is_file():
+            stored = OmegaConf.load(stored)  # what the defaults list would have merged: tv_weight, tv_weight_task
+            cfg.tv_weight, cfg.tv_weight_task = stored.tv_weight, stored.get("tv_weight_task")
 
 
 # task keys TV's weight does not depend on: the initializer moves where a solve starts, not TV's minimiser
