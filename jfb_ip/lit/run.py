@@ -270,9 +270,9 @@ def default_data(cfg: DictConfig) -> None:
         return
     with open_dict(cfg):
         cfg.data = OmegaConf.load(config_dir() / "data" / f"{train_default('data')}.yaml")
-        stored = tv_weight_path(choice("task"), train_default("data")) if choice("task") else None
-        if cfg.get("tv_weight") is None and stored is not None and stored.is_file():
-            stored = OmegaConf.load(stored)  # what the defaults list would have merged: tv_weight, tv_weight_task
+        path = tv_weight_path(choice("task"), train_default("data")) if choice("task") else None
+        if cfg.get("tv_weight") is None and path is not None and path.is_file():
+            stored = OmegaConf.load(path)  # what the defaults list would have merged: tv_weight, tv_weight_task
             cfg.tv_weight, cfg.tv_weight_task = stored.tv_weight, stored.get("tv_weight_task")
 
 
@@ -290,7 +290,7 @@ def check_tv_weight_task(cfg: DictConfig) -> None:
     if cfg.get("tv_weight") is None or stored is None or not cfg.get("task"):
         return
     task = OmegaConf.to_container(cfg.task, resolve=True)
-    stored = OmegaConf.to_container(stored, resolve=True) if isinstance(stored, DictConfig) else dict(stored)
+    stored = OmegaConf.to_container(stored, resolve=True)
     changed = [f"task.{k}={task.get(k)} (stored for {stored.get(k)})" for k in sorted(set(task) | set(stored))
                if k not in TV_WEIGHT_IGNORES and task.get(k) != stored.get(k)]
     if not changed:

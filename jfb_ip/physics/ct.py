@@ -15,10 +15,10 @@ the other one: differentiable to any order, and A's backward stores no activatio
 
 Where those weights fit in memory (``matrix_nnz``: 48 x 48 images have 0.14 M of them, 128 x 128
 about 9 M), they are assembled once into a sparse CSR matrix and its transpose, and A and A^T are
-sparse products: on one CPU thread for 32 images of 48 x 48, A takes 2.5 ms instead of 13 and A^T
-0.8 ms instead of 37 (the scatter of ``grid_sample``'s backward), which is what iterative solvers
-(TV on CT, DE-GRAD's gradient steps) spend their time on. Larger operators keep the
-``grid_sample`` kernels, in chunks of angles.
+sparse products, 20-125x faster than ``grid_sample`` and the scatter of its backward on CPU
+(``python -m jfb_ip.bench.operators``, docs/benchmarks.md): what iterative solvers (TV on CT,
+DE-GRAD's gradient steps) spend their time on. Larger operators keep the ``grid_sample`` kernels,
+in chunks of angles.
 """
 from __future__ import annotations
 
