@@ -196,3 +196,38 @@ def test_bench_multitask_end_to_end(tmp_path, monkeypatch):
         gauss, mt = got["pnp_gauss"], got["pnp_mtdeq"]
         assert gauss["schedule"] == mt["schedule"] and gauss["lambda"] == mt["lambda"]
         assert got["mtdeq_minus_gauss"]["psnr"] == pytest.approx(mt["psnr"] - gauss["psnr"])
+
+
+@pytest.mark.parametrize("tune_each_prior", [False, True])
+def test_bench_multitask_prior_hyper_parameters(tune_each_prior, tmp_path, monkeypatch):
+    """Which PnP hyper-parameters each prior gets: by default the Gaussian prior's schedule and its searched lam for
+    both ([4] §III-C); with --tune-each-prior each prior's own schedule (searched with its own checkpoint) and its
+    own lam search on the validation crops."""
+    from jfb_ip.bench import multitask as bench
+
+    calls = []
+
+    def fake_schedule(b, task_ov, ckpt, extra):
+        return [f"method.n_iter={len(ckpt)}"], {ckpt: 0.0}
+
+    def fake_run(overrides, run_dir):
+        calls.append((run_dir.name, overrides))
+        metrics = {"psnr": 20.0, "ssim": 0.5}
+        return {"test": {"model": metrics, "measurement": metrics, "method_lambda": 0.1 * len(calls)}}
+
+    monkeypatch.setattr(bench, "pnp_schedule", fake_schedule)
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "TASKS", {"comp80": bench.TASKS["comp80"]})
+    ckpts = {"denoiser_ckpt": "gauss.ckpt", "mtdeq_ckpt": "mtdeq-prior.ckpt"}
+    bench.evaluate_rows({**bench.QUICK}, tmp_path, [], ckpts, degrad=False, tune_each_prior=tune_each_prior)
+    ov = dict(calls)
+    assert "method.denoiser.path=gauss.ckpt" in ov["pnp_gauss"]
+    assert "method.denoiser.path=mtdeq-prior.ckpt" in ov["pnp_mtdeq"]
+    assert "method.n_iter=10" in ov["pnp_gauss"]  # len("gauss.ckpt"): the Gaussian prior's schedule
+    if tune_each_prior:
+        assert "method.n_iter=16" in ov["pnp_mtdeq"]  # len("mtdeq-prior.ckpt"): its own
+        assert not any(o.startswith(("method.lam=", "method.lambda_grid")) for o in ov["pnp_mtdeq"] + ov["pnp_gauss"])
+    else:
+        assert "method.n_iter=10" in ov["pnp_mtdeq"] and "method.lambda_grid=[]" in ov["pnp_mtdeq"]
+        gauss_lam = 0.1 * ([name for name, _ in calls].index("pnp_gauss") + 1)
+        assert f"method.lam={gauss_lam}" in ov["pnp_mtdeq"]
