@@ -1,7 +1,8 @@
 """Willingham et al. [4], Tables I-II, on embedded images: does the MTDEQ prior beat a Gaussian denoiser in PnP-ADMM?
 
     python -m jfb_ip.bench.multitask [--quick] [--json <file>] [--png <file>] [--out <dir>]
-        [--denoiser-ckpt <ckpt>] [--mtdeq-ckpt <ckpt>] [--no-degrad] [--tune-each-prior] [override ...]
+        [--denoiser-ckpt <ckpt>] [--mtdeq-ckpt <ckpt>] [--mtdeq-steps <n>] [--no-degrad] [--tune-each-prior]
+        [override ...]
 
 1. Trains (or loads: ``--denoiser-ckpt``) the noise-conditioned UNet as a Gaussian denoiser (``method=denoiser
    task=denoise``), then trains (or loads: ``--mtdeq-ckpt``) the MTDEQ prior (``method=mtdeq task=multitask``,
@@ -32,7 +33,8 @@ import torch
 
 from ..lit.calibration import psnr_score
 from ..lit.run import build_module, train
-from .common import (compose_train, existing_file, fresh_run_dir, module_groups, output_dir, output_file, pyplot,
+from .common import (compose_train, existing_file, fresh_run_dir, int_at_least, module_groups, output_dir, output_file,
+                     pyplot,
                      save_figure, seeded_split_batch, write_outputs)
 
 # Tables I-II of [4]: name -> task overrides (the blur kernel: 15 x 15, as task=multitask's, +-3.5 std at 2.0).
@@ -248,6 +250,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="the CPU smoke budget (under 20 min on 2 cores); no DE-GRAD")
     p.add_argument("--denoiser-ckpt", type=existing_file, default=None, help="a method=denoiser checkpoint instead of training one")
     p.add_argument("--mtdeq-ckpt", type=existing_file, default=None, help="a method=mtdeq checkpoint instead of training one")
+    p.add_argument("--mtdeq-steps", type=int_at_least(1), default=None,
+                   help="MTDEQ's fine-tuning steps (default: the budget's, 600; --quick: 160)")
     p.add_argument("--no-degrad", action="store_true", help="leave out the DE-GRAD rows (one training per task)")
     p.add_argument("--tune-each-prior", action="store_true",
                    help="choose each PnP prior's schedule and lam on the validation crops (default: the Gaussian "
@@ -263,6 +267,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     b = QUICK if args.quick else FULL
+    if args.mtdeq_steps is not None:
+        b = {**b, "mtdeq_steps": args.mtdeq_steps}
     # a new directory per run: a failed run's checkpoints (on_exception.ckpt) are never resumed or refused by the next
     out = fresh_run_dir(args.out)
     print(f"outputs: {out}", flush=True)
