@@ -34,8 +34,7 @@ import torch
 from ..lit.calibration import psnr_score
 from ..lit.run import build_module, train
 from .common import (compose_train, existing_file, fresh_run_dir, int_at_least, module_groups, output_dir, output_file,
-                     pyplot,
-                     save_figure, seeded_split_batch, write_outputs)
+                     pyplot, save_figure, seeded_split_batch, write_outputs)
 
 # Tables I-II of [4]: name -> task overrides (the blur kernel: 15 x 15, as task=multitask's, +-3.5 std at 2.0).
 # Completion: PnP-ADMM starts from the normalized-convolution fill (conf/method_task/pnp_admm_inpaint.yaml: from y
@@ -66,7 +65,8 @@ ROWS = ("measurement", "tv", "pnp_gauss", "pnp_mtdeq", "fb_gauss", "fb_mtdeq", "
 # Full: about 2 hours on 2 cores (docs/benchmarks.md, "Multi-task priors"); --quick: under 20 minutes on 2 cores.
 # PnP-ADMM's schedule (iterations, last denoiser strength) is chosen per task on the validation crops for the
 # Gaussian prior at lam = 0.23 (``pnp_schedule``); the PnP lam search (``lam_search``) then runs for the Gaussian prior
-# too; the MTDEQ prior gets both unchanged ([4] §III-C). FB rows: MTDEQ's own scheme, capped at ``fb_max_iter``.
+# too; the MTDEQ prior gets both unchanged ([4] §III-C), or its own search with --tune-each-prior. FB rows: MTDEQ's
+# own scheme, capped at ``fb_max_iter``.
 FULL = {"denoiser_steps": 3000, "mtdeq_steps": 600, "degrad_steps": 300, "train_size": 48, "mtdeq_size": 24,
         "test_size": 48, "batch": 8, "mtdeq_batch": 2, "problems": 5, "eval_crops": 32, "mtdeq_lr": 1e-4,
         "mtdeq_solver": ["solver=anderson"], "net": [], "lam_search": True, "fb_max_iter": 350,
