@@ -168,3 +168,48 @@ def test_trained_checkpoint_loads_as_a_prior(tmp_path):
     with torch.no_grad():
         assert torch.equal(net(x, sigma), module.method.net.eval()(x, sigma))
         assert not torch.equal(net(x, sigma), _net()(x, sigma))
+
+
+# --- the plain multi-scale UNet (method.net of the equilibrium methods) ---
+
+def test_plain_unet_sees_far_beyond_dncnn():
+    """Three levels of two convs reach pixels 20 away from an output pixel; an 8-layer DnCNN's receptive field is 17
+    pixels (8 either side), so its input gradient beyond that is exactly zero: both measured by autograd."""
+    from jfb_ip.nets import DnCNN, UNet
+
+    torch.manual_seed(0)
+    for net, reach in ((UNet(1, features=(8, 8, 8), convs=2), 20), (DnCNN(1, depth=8, width=8), 8)):
+        x = torch.rand(1, 1, 64, 64, requires_grad=True)
+        net(x)[0, 0, 32, 32].backward()
+        g = x.grad[0, 0].abs()
+        assert g[32, 32 - reach] > 0 and g[32 - reach, 32] > 0
+        assert g[:, : 32 - reach - 1].max() == 0 if reach == 8 else g[32, 32 + reach] > 0
+
+
+def test_plain_unet_normalises_every_conv_to_gamma():
+    """In 'kernel' mode every conv (strided and transposed ones too) has the spectral norm gamma of its reshaped kernel,
+    checked with an SVD once the power iteration has run a few training passes."""
+    from jfb_ip.nets import UNet
+
+    torch.manual_seed(0)
+    net = UNet(2, 1, features=(4, 8), convs=1, gamma=1.6)
+    for _ in range(30):
+        net(torch.rand(2, 2, 8, 8))
+    convs = [m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    assert len(convs) == 7  # head, down stage + strided conv, body, transposed conv + up stage, tail
+    for m in convs:
+        w = m.weight.detach()
+        mat = (w.transpose(0, 1) if isinstance(m, torch.nn.ConvTranspose2d) else w).flatten(1)
+        assert torch.linalg.matrix_norm(mat, ord=2).item() == pytest.approx(1.6, rel=1e-3)
+
+
+def test_plain_unet_any_size_and_a_clear_shape_error():
+    from jfb_ip.nets import UNet
+
+    net = UNet(3, features=(4, 8, 8), convs=1)
+    for size in ((13, 10), (1, 1), (48, 48)):
+        assert net(torch.rand(2, 3, *size)).shape == (2, 3, *size)
+    with pytest.raises(ValueError, match=r"expected \(B, 3, H, W\)"):
+        net(torch.rand(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="features"):
+        UNet(3, features=())

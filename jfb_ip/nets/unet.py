@@ -31,6 +31,18 @@ def noise_level_map(sigma: Tensor | float, x: Tensor) -> Tensor:
     return s.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, *x.shape[-2:])
 
 
+def _encode_decode(net: nn.Module, x: Tensor) -> Tensor:
+    """The tail's input: head, the down path, the body, then the up path, where DRUNet adds each encoder level's
+    output to the decoder's before going up (additive skips)."""
+    feats = [net.head(x)]
+    for down in net.down:
+        feats.append(down(feats[-1]))
+    h = net.body(feats[-1])
+    for k in range(len(net.up) - 1, -1, -1):
+        h = net.up[k](h + feats[k + 1])
+    return h + feats[0]
+
+
 class NoiseConditionedUNet(nn.Module):
     """``forward(x, sigma) -> x_denoised``: DRUNet's layout at a small size.
 
@@ -90,11 +102,75 @@ class NoiseConditionedUNet(nn.Module):
         inp = torch.cat([x, noise_level_map(sigma, x)], 1)
         if ph or pw:
             inp = F.pad(inp, (0, pw, 0, ph), mode="replicate")
-        feats = [self.head(inp)]
-        for down in self.down:
-            feats.append(down(feats[-1]))
-        h = self.body(feats[-1])
-        for k in range(len(self.up) - 1, -1, -1):  # DRUNet adds each encoder level's output before going up
-            h = self.up[k](h + feats[k + 1])
-        out = self.tail(h + feats[0])[..., :H, :W]
+        out = self.tail(_encode_decode(self, inp))[..., :H, :W]
         return x + out if self.residual else out
+
+
+class UNet(nn.Module):
+    """A plain multi-scale regulariser for the equilibrium methods: DnCNN's conv-ReLU stages at
+    ``len(features)`` resolutions, joined as in DRUNet (strided 2x2 conv down, transposed 2x2 conv up,
+    each encoder level's features added back before going up; Zhang et al., TPAMI 2021).
+
+    Same interface as :class:`~jfb_ip.nets.DnCNN` (``forward(x) -> net(x)``, in and out channels), so
+    DE-GRAD takes it as ``method.net``. Where an 8-layer DnCNN sees 17 pixels, three levels with two
+    convs each see 46 at a similar cost: a deblurring prior has to look past the 9x9 blur's
+    support, which widening one scale by dilation did not give (docs/results.md, "What did not help").
+    With ``spectral_norm`` every conv, strided and transposed included, is normalised by the spectral
+    norm of its reshaped kernel and scaled by ``gamma``, as in DnCNN's 'kernel' mode (no Lipschitz
+    bound on the network: the solver's convergence is measured, not assumed).
+
+    Any H, W: the input is padded on the bottom/right by replication to a multiple of
+    2**(len(features) - 1) and the output cropped back.
+
+    Args:
+        in_channels / out_channels: image channels (out defaults to in).
+        features: feature channels per level, one down-sampling between consecutive levels.
+        convs: conv-ReLU layers per level on the way down, at the bottom and on the way up.
+        spectral_norm, gamma: normalise every conv (Miyato et al. [16]) and scale it by gamma.
+        bias: biases in every conv.
+    """
+
+    def __init__(self, in_channels: int = 3, out_channels: int | None = None, features: Sequence[int] = (32, 64, 128),
+                 convs: int = 2, spectral_norm: bool = True, gamma: float = 1.0, bias: bool = True):
+        super().__init__()
+        from .dncnn import lipschitz_conv  # dncnn imports nothing of this module; the helper lives there
+
+        features = [int(f) for f in features]
+        if not features or min(features) < 1:
+            raise ValueError(f"UNet: features must be a non-empty list of positive widths, got {features}")
+        if isinstance(convs, bool) or not isinstance(convs, int) or convs < 0:
+            raise ValueError(f"UNet: convs={convs!r} must be an integer >= 0")
+        if int(in_channels) < 1:
+            raise ValueError(f"UNet: in_channels must be >= 1, got {in_channels}")
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels or in_channels)
+        self.multiple = 2 ** (len(features) - 1)
+
+        def norm(c: nn.Module) -> nn.Module:
+            return lipschitz_conv(c, gamma) if spectral_norm else c
+
+        def stage(width: int) -> list[nn.Module]:
+            out: list[nn.Module] = []
+            for _ in range(convs):
+                out += [norm(nn.Conv2d(width, width, 3, padding=1, bias=bias)), nn.ReLU(inplace=True)]
+            return out
+
+        self.head = nn.Sequential(norm(nn.Conv2d(self.in_channels, features[0], 3, padding=1, bias=bias)),
+                                  nn.ReLU(inplace=True))
+        self.down = nn.ModuleList(
+            nn.Sequential(*stage(a), norm(nn.Conv2d(a, b, 2, stride=2, bias=bias)), nn.ReLU(inplace=True))
+            for a, b in zip(features, features[1:]))
+        self.body = nn.Sequential(*stage(features[-1]))
+        self.up = nn.ModuleList(
+            nn.Sequential(norm(nn.ConvTranspose2d(b, a, 2, stride=2, bias=bias)), nn.ReLU(inplace=True), *stage(a))
+            for a, b in zip(features, features[1:]))
+        self.tail = norm(nn.Conv2d(features[0], self.out_channels, 3, padding=1, bias=bias))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"UNet: expected (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        ph, pw = -H % self.multiple, -W % self.multiple
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        return self.tail(_encode_decode(self, x))[..., :H, :W]
