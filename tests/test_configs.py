@@ -71,6 +71,21 @@ def test_option_instantiates(group, option, tmp_path, image_folder, fake_celeba,
         assert type(trainer).__name__ == "Trainer" and trainer.max_steps == node.max_steps
 
 
+NET_SHRINK = {"dncnn": ["method.net.depth=3", "method.net.width=8"],
+              "unet": ["method.net.features=[4,8]", "method.net.convs=1"]}
+
+
+@pytest.mark.parametrize("option", options("method/net"))
+def test_degrad_net_option_trains(option, tmp_path):
+    """Each method/net option builds its network with the channels DE-GRAD feeds it and trains two steps."""
+    base = [o for o in TINY if not o.startswith("method.net.")]
+    cfg = compose_cfg("train", base + [f"method/net={option}"] + NET_SHRINK[option], tmp_path)
+    method = hydra.utils.instantiate(cfg.method, _convert_="all")
+    assert type(method.net).__name__ == cfg.method.net._target_.rsplit(".", 1)[1]
+    assert (method.net.in_channels, method.net.out_channels) == (2 * cfg.data.channels, cfg.data.channels)
+    assert train(cfg)["test"]["model"]["psnr"] > 10
+
+
 @pytest.mark.parametrize("option", options("experiment"))
 def test_experiments_compose_and_build(option, tmp_path):
     cfg = compose_cfg("train", [f"experiment={option}"], tmp_path)
