@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .dncnn import lipschitz_conv
+
 
 class ResBlock(nn.Module):
     """x + conv(relu(conv(x))): DRUNet's residual block ('CRC', no normalisation)."""
@@ -31,16 +33,21 @@ def noise_level_map(sigma: Tensor | float, x: Tensor) -> Tensor:
     return s.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, *x.shape[-2:])
 
 
-def _encode_decode(net: nn.Module, x: Tensor) -> Tensor:
-    """The tail's input: head, the down path, the body, then the up path, where DRUNet adds each encoder level's
-    output to the decoder's before going up (additive skips)."""
+def _unet_pass(net: nn.Module, x: Tensor) -> Tensor:
+    """tail(...) of a UNet's head, down path, body and up path, where DRUNet adds each encoder level's output to the
+    decoder's before going up (additive skips). Any H, W: ``x`` is padded on the bottom/right by replication to a
+    multiple of ``net.multiple`` (as DRUNet's test code does) and the output cropped back."""
+    H, W = x.shape[-2:]
+    ph, pw = -H % net.multiple, -W % net.multiple
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
     feats = [net.head(x)]
     for down in net.down:
         feats.append(down(feats[-1]))
     h = net.body(feats[-1])
     for k in range(len(net.up) - 1, -1, -1):
         h = net.up[k](h + feats[k + 1])
-    return h + feats[0]
+    return net.tail(h + feats[0])[..., :H, :W]
 
 
 class NoiseConditionedUNet(nn.Module):
@@ -97,12 +104,7 @@ class NoiseConditionedUNet(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"NoiseConditionedUNet: expected images (B, {self.channels}, H, W), got shape "
                              f"{tuple(x.shape)}; set the net's channels to data.channels")
-        H, W = x.shape[-2:]
-        ph, pw = -H % self.multiple, -W % self.multiple
-        inp = torch.cat([x, noise_level_map(sigma, x)], 1)
-        if ph or pw:
-            inp = F.pad(inp, (0, pw, 0, ph), mode="replicate")
-        out = self.tail(_encode_decode(self, inp))[..., :H, :W]
+        out = _unet_pass(self, torch.cat([x, noise_level_map(sigma, x)], 1))
         return x + out if self.residual else out
 
 
@@ -113,7 +115,7 @@ class UNet(nn.Module):
 
     Same interface as :class:`~jfb_ip.nets.DnCNN` (``forward(x) -> net(x)``, in and out channels), so
     DE-GRAD takes it as ``method.net``. Where an 8-layer DnCNN sees 17 pixels, three levels with two
-    convs each see 46 at a similar cost: a deblurring prior has to look past the 9x9 blur's
+    convs each see 46 at about 1.3x its step time: a deblurring prior has to look past the 9x9 blur's
     support, which widening one scale by dilation did not give (docs/results.md, "What did not help").
     With ``spectral_norm`` every conv, strided and transposed included, is normalised by the spectral
     norm of its reshaped kernel and scaled by ``gamma``, as in DnCNN's 'kernel' mode (no Lipschitz
@@ -133,8 +135,6 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int = 3, out_channels: int | None = None, features: Sequence[int] = (32, 64, 128),
                  convs: int = 2, spectral_norm: bool = True, gamma: float = 1.0, bias: bool = True):
         super().__init__()
-        from .dncnn import lipschitz_conv  # dncnn imports nothing of this module; the helper lives there
-
         features = [int(f) for f in features]
         if not features or min(features) < 1:
             raise ValueError(f"UNet: features must be a non-empty list of positive widths, got {features}")
@@ -169,8 +169,4 @@ class UNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet: expected (B, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
-        H, W = x.shape[-2:]
-        ph, pw = -H % self.multiple, -W % self.multiple
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-        return self.tail(_encode_decode(self, x))[..., :H, :W]
+        return _unet_pass(self, x)
