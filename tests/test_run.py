@@ -70,6 +70,25 @@ def test_evaluate_on_an_image_folder(trained, tmp_path, image_folder):
     assert out["test"]["n_images"] == 3
 
 
+def test_evaluate_of_a_checkpoint_takes_tv_weight_for_its_tv_row(trained, tmp_path):
+    """``evaluate.py ckpt_path=... tv_weight=<w>`` (TV tuned for other images than the run's): the TV row is an
+    independent tv_solve of the same seeded test measurements at <w>, not at the checkpoint run's weight."""
+    from jfb_ip.bench.common import module_groups, seeded_split_batch
+    from jfb_ip.lit.calibration import image_metrics
+    from jfb_ip.lit.run import build_module
+    from jfb_ip.methods import tv_solve
+
+    run_dir, _ = trained
+    lam = 3e-3
+    out = evaluate(compose_cfg("evaluate", [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", "debug=smoke",
+                                            "trainer.limit_test_batches=null", f"tv_weight={lam}"], tmp_path))
+    assert out["test"]["tv_lambda"] == pytest.approx(lam)
+    cfg = module_groups(compose_cfg("train", TINY, tmp_path / "cfg"))
+    x, meas = seeded_split_batch(cfg.data, build_module(cfg), "test")
+    psnr, _ = image_metrics(tv_solve(meas, lam)[0], x)
+    assert out["test"]["per_image"]["tv"]["psnr"] == pytest.approx(psnr.tolist(), abs=1e-3)
+
+
 def test_resume_from_checkpoint(trained, tmp_path):
     run_dir, _ = trained
     cfg = compose_cfg("train", TINY + [f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
