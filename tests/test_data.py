@@ -492,3 +492,21 @@ def test_real_slices_from_the_installed_package(tmp_path):
                       "J2K_pixelrep_mismatch.dcm": (512, 512)}
     for modality in ("mr", "ct"):
         assert len(ImageFolder("test", image_size=64, root=tmp_path / modality, channels=1, resize=64)) == 2
+
+
+def test_other_faces_are_framed_like_celeba(tmp_path):
+    """python -m jfb_ip.data.other_faces: two installed portraits, each at CelebA's aligned size with its face found
+    again (a fresh detection on the written image) where CelebA's faces are, readable by data=folder."""
+    from jfb_ip.data.other_faces import CELEBA_FACE_CENTER, CELEBA_FACE_WIDTH, detect_face, main
+
+    written = main([str(tmp_path)])
+    assert sorted(p.name for p in written) == ["astronaut.png", "grace_hopper.png"]
+    for path in written:
+        image = (load_image(path, 3).permute(1, 2, 0) * 255).round().byte().numpy()
+        assert image.shape == (218, 178, 3)
+        row, col, width = detect_face(image)
+        # grace_hopper's ideal crop reaches above the photo: shifted by 6 CelebA pixels; the cascade's boxes come in
+        # scale steps of 1.2, so a fresh detection moves by a few pixels more
+        assert abs(row - CELEBA_FACE_CENTER[0]) <= 12 and abs(col - CELEBA_FACE_CENTER[1]) <= 5
+        assert abs(width / CELEBA_FACE_WIDTH - 1) <= 0.15
+    assert len(ImageFolder("test", image_size=64, root=tmp_path, resize=64)) == 2
