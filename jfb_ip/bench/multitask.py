@@ -73,8 +73,9 @@ FULL = {"denoiser_steps": 3000, "mtdeq_steps": 600, "degrad_steps": 300, "train_
         "pnp_schedules": [(n, s) for n in (8, 30, 100) for s in (None, 0.01, 0.03, 0.05)], "fb_rows": True}
 # --quick's schedules: sigma_min = 0.05 is the best on the validation crops for noiseless completion and SR x2 with
 # the 2500-step denoiser (+0.17 to +0.22 dB on completion, +0.05 to +0.07 on SR x2, at 60 / 8 iterations); blur keeps
-# the noise level or 0.03. --quick caps MTDEQ's training solves at 100 Anderson iterations (a few multitask problems take 350 at the full
-# cap: 2-7 s per step on 2 cores; with the cap, 60 steps took 89 s and the whole --quick run 348 s at 8 crops)
+# the noise level or 0.03. --quick caps MTDEQ's training solves at 100 Anderson iterations (a few multitask problems
+# take 350 at the full cap: 2-7 s per step on 2 cores; with the cap, 60 steps took 89 s and the whole --quick run
+# 348 s at 8 crops)
 QUICK = {"denoiser_steps": 1500, "mtdeq_steps": 160, "degrad_steps": 0, "train_size": 24, "mtdeq_size": 24,
          "test_size": 48, "batch": 8, "mtdeq_batch": 2, "problems": 5, "eval_crops": 16, "mtdeq_lr": 1e-4,
          "mtdeq_solver": ["solver=anderson", "solver.max_iter=100"], "net": [], "lam_search": False, "fb_max_iter": 100,

@@ -35,7 +35,8 @@ def portraits() -> dict[str, np.ndarray]:
 
     hopper = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
     if not hopper.is_file():
-        raise FileNotFoundError(f"matplotlib's sample photo {hopper} is missing; reinstall matplotlib (pip install -e .)")
+        raise FileNotFoundError(f"matplotlib's sample photo {hopper} is missing; reinstall matplotlib "
+                                f"(pip install -e .)")
     return {"astronaut": skimage.data.astronaut()[..., :3], "grace_hopper": skimage.io.imread(hopper)[..., :3]}
 
 

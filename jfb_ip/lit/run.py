@@ -188,14 +188,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     load_weights(module, ckpt, path)
     apply_speed_switches(module, cfg.get("channels_last", False), cfg.get("compile", False))
     # the reference rows the checkpoint's run tuned, with the weights it chose
-    references = train_cfg.get("references")
-    if cfg.get("tv_weight") is not None:  # tv_weight=<w> on the command line: TV's row at that weight
+    references, tv_weight = train_cfg.get("references"), cfg.get("tv_weight")
+    if tv_weight is not None:  # tv_weight=<w> on the command line: TV's row at <w>, not at the run's weight
         references = OmegaConf.merge(references or {}, {"tv": {"_target_": "jfb_ip.methods.tv_row",
-                                                                "lam": float(cfg.tv_weight)}})
+                                                                "lam": float(tv_weight)}})
     run = RunCallbacks(references, cfg.grid_images)
     state = dict((ckpt.get("callbacks") or {}).get(run.references.state_key) or {})
-    if cfg.get("tv_weight") is not None:
-        state.pop("tv", None)  # the stored state holds the run's own weight
+    if tv_weight is not None:
+        state.pop("tv", None)  # it holds the run's weight
     run.references.load_state_dict(state)
     trainer = _trainer(cfg, run.all(), _instantiate_dict(cfg.get("logger")))
     payload = {"ckpt_path": str(path), "data": OmegaConf.to_container(data_cfg, resolve=True)}
