@@ -13,6 +13,7 @@ import torch
 
 from conftest import ROOT, TINY, compose_cfg, for_task
 from jfb_ip.data import Phantoms
+from jfb_ip.data.images import DatasetError
 from jfb_ip.lit.errors import ConfigError
 from jfb_ip.lit.run import evaluate, train
 from jfb_ip.methods import Wiener, tikhonov
@@ -192,6 +193,35 @@ def test_phantoms_fixed_eval_sets_varied_train_draws():
     assert inside.unique().numel() > 500
     assert (big[:, 1:] - big[:, :-1]).abs()[big[:, 1:] > 0.05].median() > 1e-3
     assert Phantoms("val", 16, channels=3, eval_samples=1)[0][0].shape == (3, 16, 16)
+
+
+def test_phantom_shapes_against_closed_forms():
+    """The anatomy style's blob with no wobble is the ellipse, and its curve with no amplitude is the straight band
+    of the closed-form distance |v| < width / 2, |u| < length / 2."""
+    from jfb_ip.data.phantoms import _blob, _curve, _ellipse
+    t = (torch.arange(64, dtype=torch.float64) + 0.5) / 64 * 2 - 1
+    yy, xx = torch.meshgrid(t, t, indexing="ij")
+    still = torch.tensor([[0.0, 1.0], [0.0, 2.0]])
+    assert torch.allclose(_blob(xx, yy, 0.1, -0.2, 0.5, 0.3, 0.7, 0.05, still),
+                          _ellipse(xx, yy, 0.1, -0.2, 0.5, 0.3, 0.7, 0.05))
+    wobbly = _blob(xx, yy, 0.1, -0.2, 0.5, 0.3, 0.7, 0.05, torch.tensor([[0.12, 0.0]]))
+    assert (wobbly - _ellipse(xx, yy, 0.1, -0.2, 0.5, 0.3, 0.7, 0.05)).abs().max() > 0.5
+    band = _curve(xx, yy, 0.0, 0.0, 1.0, 0.2, 0.0, 0.0, 5.0, 0.0, edge=1e-9)
+    assert torch.equal(band > 0.5, (yy.abs() < 0.1) & (xx.abs() < 0.5))
+
+
+def test_phantom_styles():
+    """anatomy: close-ups whose body reaches the frame, and organs of many grey levels; ellipses never reach it."""
+    def border(x):
+        return torch.cat([x[0, 0], x[0, -1], x[0, :, 0], x[0, :, -1]]).max()
+
+    anatomy = [Phantoms("test", 48, eval_samples=24)[i][0] for i in range(24)]
+    ellipses = [Phantoms("test", 48, eval_samples=24, style="ellipses")[i][0] for i in range(24)]
+    assert max(border(x) for x in ellipses) < 0.05
+    assert sum(border(x) > 0.1 for x in anatomy) >= 4
+    assert all(0 <= x.min() and x.max() <= 1 for x in anatomy)
+    with pytest.raises(DatasetError, match="style must be one of"):
+        Phantoms("test", 16, style="cartoon")
 
 
 @pytest.mark.integration

@@ -5,6 +5,9 @@ of other intensities) but varied far beyond flat ellipses, so that what a model 
 chance to carry over to real slices (LoDoPaB-CT, fastMRI): a smooth intensity bias field, band-
 limited texture of random grain and strength inside the body, small round details near the
 resolution limit, thin elongated vessel-like structures, and blurred edges of random sharpness.
+The default ``style="anatomy"`` adds what real slices show and ellipses lack: organ-like blobs with
+wobbling boundaries and their own texture, curved vessels, close-ups where the body fills the frame,
+a textured background and a random contrast curve (``style="ellipses"`` leaves them out).
 Each image is drawn at twice the resolution and averaged 2 x 2 (anti-aliased edges).
 
 Validation and test images are fixed: image i of a split is generated from its own seed
@@ -23,6 +26,7 @@ from torch.utils.data import Dataset
 from .images import DatasetError, check_channels, check_int
 
 SPLITS = ("train", "val", "test")
+STYLES = ("ellipses", "anatomy")
 _SPLIT_SEED = {"val": 1_000_003, "test": 2_000_003}
 
 
@@ -43,6 +47,29 @@ def _ellipse(xx: Tensor, yy: Tensor, cx, cy, a, b, angle, edge: float) -> Tensor
     return ((1 - r) * min(a, b) / edge + 0.5).clamp(0, 1)
 
 
+def _blob(xx: Tensor, yy: Tensor, cx, cy, a, b, angle, edge: float, wobble: Tensor) -> Tensor:
+    """Soft indicator of an organ-like blob: the ellipse of :func:`_ellipse` whose radius is modulated by a few
+    low angular harmonics, r -> r (1 + sum_k w_k cos(k phi + p_k)), k = 2, 3, ...; ``wobble`` holds the (w_k, p_k)
+    pairs, (n, 2)."""
+    c, s = math.cos(angle), math.sin(angle)
+    u = ((xx - cx) * c + (yy - cy) * s) / a
+    v = (-(xx - cx) * s + (yy - cy) * c) / b
+    phi = torch.atan2(v, u)
+    scale = 1 + sum(float(w) * torch.cos((k + 2) * phi + float(p)) for k, (w, p) in enumerate(wobble))
+    r = torch.sqrt(u * u + v * v) * scale.clamp_min(0.3)
+    return ((1 - r) * min(a, b) / edge + 0.5).clamp(0, 1)
+
+
+def _curve(xx: Tensor, yy: Tensor, cx, cy, length, width, angle, amp, freq, phase, edge: float) -> Tensor:
+    """Soft indicator of a thin curved band (a vessel or septum): |v - amp sin(freq u + phase)| < width / 2 for
+    |u| < length / 2, in coordinates rotated by ``angle`` about (cx, cy)."""
+    c, s = math.cos(angle), math.sin(angle)
+    u = (xx - cx) * c + (yy - cy) * s
+    v = -(xx - cx) * s + (yy - cy) * c
+    d = (v - amp * torch.sin(freq * u + phase)).abs()
+    return ((width / 2 - d) / edge + 0.5).clamp(0, 1) * ((length / 2 - u.abs()) / edge + 0.5).clamp(0, 1)
+
+
 def _smooth_field(g: torch.Generator, n: int, cells: int) -> Tensor:
     """A smooth random field (n, n) of unit-order amplitude: a cells x cells Gaussian grid upsampled bicubically."""
     coarse = torch.randn(1, 1, cells, cells, generator=g, dtype=torch.float64)
@@ -58,17 +85,27 @@ def _texture(g: torch.Generator, n: int, grain: float) -> Tensor:
     return t / t.std().clamp_min(1e-12)
 
 
-def render_phantom(size: int, g: torch.Generator) -> Tensor:
-    """One random phantom (1, size, size) in [0, 1], every draw from ``g``."""
+def render_phantom(size: int, g: torch.Generator, style: str = "anatomy") -> Tensor:
+    """One random phantom (1, size, size) in [0, 1], every draw from ``g``.
+
+    ``style="ellipses"``: the body ellipse with elliptic organs, round details, straight vessels, bias and
+    texture. ``"anatomy"`` draws the same and more of what real slices show and ellipses lack, so that a
+    reconstruction learned on phantoms carries over to real slices: organ-like blobs (ellipses with a wobbling
+    boundary), curved vessels, organs with their own texture, a textured background (the body filling the frame
+    in close-ups, as a cropped MR slice does), and a random contrast curve."""
+    if style not in STYLES:
+        raise DatasetError(f"Phantoms: style must be one of {list(STYLES)}, got {style!r}")
+    anatomy = style == "anatomy"
     n = 2 * size  # supersampled, averaged 2 x 2 at the end
     t = (torch.arange(n, dtype=torch.float64) + 0.5) / n * 2 - 1
     yy, xx = torch.meshgrid(t, t, indexing="ij")
     px = 2.0 / n  # one supersampled pixel in grid units
     edge = lambda: px * _u(g, 0.7, 3.0)  # noqa: E731 - edges from sharp to slightly blurred
 
-    # body: a large ellipse, slightly off-centre and rotated
-    ba, bb = _u(g, 0.62, 0.92), _u(g, 0.5, 0.88)
-    bx, by, bang = _u(g, -0.06, 0.06), _u(g, -0.06, 0.06), _u(g, -0.4, 0.4)
+    # body: a large ellipse, slightly off-centre and rotated; in close-ups (anatomy) it overflows the frame
+    zoom = _u(g, 1.3, 2.4) if anatomy and _u(g, 0, 1) < 0.4 else 1.0
+    ba, bb = _u(g, 0.62, 0.92) * zoom, _u(g, 0.5, 0.88) * zoom
+    bx, by, bang = _u(g, -0.06, 0.06) * zoom, _u(g, -0.06, 0.06) * zoom, _u(g, -0.4, 0.4)
     body = _ellipse(xx, yy, bx, by, ba, bb, bang, edge())
     img = _u(g, 0.2, 0.5) * body
     if _u(g, 0, 1) < 0.6:  # a bright rim (skull/cortex-like) of random thickness
@@ -83,27 +120,49 @@ def render_phantom(size: int, g: torch.Generator) -> Tensor:
         c, s = math.cos(bang), math.sin(bang)
         return bx + u * c - v * s, by + u * s + v * c
 
-    # organs / lesions: overlapping ellipses that raise or lower the intensity
-    for _ in range(int(torch.randint(4, 13, (1,), generator=g))):
+    def organ(cx, cy, a, b, angle) -> Tensor:
+        if not anatomy:
+            return _ellipse(xx, yy, cx, cy, a, b, angle, edge())
+        wobble = torch.stack([_u(g, -0.12, 0.12, 4), _u(g, 0, 2 * math.pi, 4)], 1)
+        return _blob(xx, yy, cx, cy, a, b, angle, edge(), wobble)
+
+    # organs / lesions: overlapping ellipses (blobs) that raise or lower the intensity, some with their own grain
+    for _ in range(int(torch.randint(4, 13, (1,), generator=g)) + (int(torch.randint(0, 8, (1,), generator=g))
+                                                                   if anatomy else 0)):
         cx, cy = inside()
-        a = _u(g, 0.04, 0.35)
-        img = img + _u(g, -0.25, 0.35) * _ellipse(xx, yy, cx, cy, a, a * _u(g, 0.3, 1.0), _u(g, 0, math.pi),
-                                                  edge()) * body
+        a = _u(g, 0.04, 0.35) * (zoom if anatomy else 1.0)
+        level = _u(g, -0.25, 0.35)  # drawn first: style="ellipses" repeats the draws of earlier versions
+        shape = organ(cx, cy, a, a * _u(g, 0.3, 1.0), _u(g, 0, math.pi)) * body
+        if anatomy and _u(g, 0, 1) < 0.5:
+            level = level * (1 + _u(g, 0.1, 0.5) * _texture(g, n, _u(g, 0.5, 3.0)))
+        img = img + level * shape
     # fine round details near the resolution limit
     for _ in range(int(torch.randint(3, 16, (1,), generator=g))):
         cx, cy = inside()
         a = _u(g, 0.6, 3.0) * px * 2
         img = img + _u(g, -0.3, 0.4) * _ellipse(xx, yy, cx, cy, a, a * _u(g, 0.5, 1.0), _u(g, 0, math.pi), px)
-    # thin elongated structures (vessels, septa)
+    # thin elongated structures (vessels, septa): straight, and curved in anatomy
     for _ in range(int(torch.randint(0, 6, (1,), generator=g))):
         cx, cy = inside()
         img = img + _u(g, 0.1, 0.35) * _ellipse(xx, yy, cx, cy, _u(g, 0.1, 0.45), _u(g, 0.7, 2.0) * px,
                                                 _u(g, 0, math.pi), px) * body
+    for _ in range(int(torch.randint(0, 7, (1,), generator=g)) if anatomy else 0):
+        cx, cy = inside()
+        img = img + _u(g, -0.2, 0.35) * _curve(xx, yy, cx, cy, _u(g, 0.2, 1.0), _u(g, 0.7, 2.5) * px,
+                                               _u(g, 0, math.pi), _u(g, 0.02, 0.15), _u(g, 3, 15),
+                                               _u(g, 0, 2 * math.pi), px) * body
 
     # smooth intensity variation (coil sensitivity / beam hardening-like bias) and texture
     bias = 1 + _u(g, 0.03, 0.2) * _smooth_field(g, n, int(torch.randint(3, 7, (1,), generator=g)))
     texture = _u(g, 0.0, 0.06) * _texture(g, n, _u(g, 0.5, 4.0))
     img = (img * bias + texture * body).clamp(0, None)
+    if anatomy:
+        # a faint textured background (air is not black in MR; tissue outside the body in close-ups), then a
+        # random contrast curve
+        outside = (1 - body).clamp(0, 1) * (_u(g, 0, 0.1) * (1 + _u(g, 0.2, 1.0) * _texture(g, n, _u(g, 1, 6))))
+        img = img + outside.clamp(0, None) * (_u(g, 0, 1) < 0.5)
+        img = img / max(float(img.max()), 1e-6)
+        img = img.clamp(0, 1) ** _u(g, 0.7, 1.4)
     img = F.avg_pool2d(img[None, None], 2)[0]
     return (img / max(float(img.max()), 1.0)).clamp(0, 1).float()
 
@@ -118,10 +177,11 @@ class Phantoms(Dataset):
         train_samples: phantoms per training epoch (>= 1), drawn afresh each time.
         eval_samples: fixed phantoms in the val and in the test split (>= 1).
         seed: base seed of the fixed val/test phantoms.
+        style: "anatomy" or "ellipses" (:func:`render_phantom`).
     """
 
     def __init__(self, split: str, image_size: int = 64, channels: int = 1, train_samples: int = 512,
-                 eval_samples: int = 32, seed: int = 0):
+                 eval_samples: int = 32, seed: int = 0, style: str = "anatomy"):
         if split not in SPLITS:
             raise DatasetError(f"Phantoms: split must be one of {list(SPLITS)}, got {split!r}")
         self.split = split
@@ -130,6 +190,9 @@ class Phantoms(Dataset):
         train_samples = check_int("data.dataset.train_samples", train_samples, 1)
         eval_samples = check_int("data.dataset.eval_samples", eval_samples, 1)
         self.seed = check_int("data.dataset.seed", seed, 0)
+        if style not in STYLES:
+            raise DatasetError(f"data.dataset.style must be one of {list(STYLES)}, got {style!r}")
+        self.style = style
         self.length = train_samples if split == "train" else eval_samples
         self._cache: dict[int, Tensor] = {}
 
@@ -137,7 +200,7 @@ class Phantoms(Dataset):
         return self.length
 
     def _make(self, seed: int) -> Tensor:
-        img = render_phantom(self.image_size, torch.Generator().manual_seed(seed))
+        img = render_phantom(self.image_size, torch.Generator().manual_seed(seed), self.style)
         return img.expand(self.channels, -1, -1).contiguous()
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
