@@ -131,7 +131,8 @@ def render_phantom(size: int, g: torch.Generator, style: str = "anatomy") -> Ten
                                                                    if anatomy else 0)):
         cx, cy = inside()
         a = _u(g, 0.04, 0.35) * (zoom if anatomy else 1.0)
-        level = _u(g, -0.25, 0.35)  # drawn first: style="ellipses" repeats the draws of earlier versions
+        # drawn before the shape: this order keeps style="ellipses" the phantoms its documented figures used
+        level = _u(g, -0.25, 0.35)
         shape = organ(cx, cy, a, a * _u(g, 0.3, 1.0), _u(g, 0, math.pi)) * body
         if anatomy and _u(g, 0, 1) < 0.5:
             level = level * (1 + _u(g, 0.1, 0.5) * _texture(g, n, _u(g, 0.5, 3.0)))
@@ -168,7 +169,7 @@ def render_phantom(size: int, g: torch.Generator, style: str = "anatomy") -> Ten
 
 
 class Phantoms(Dataset):
-    """Random-ellipse phantoms (see the module docstring).
+    """Random phantoms, anatomy-style or plain ellipses (see the module docstring).
 
     Args:
         split: 'train', 'val' or 'test'.
