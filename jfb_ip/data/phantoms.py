@@ -36,12 +36,17 @@ def _u(g: torch.Generator, lo: float, hi: float, n: int | None = None) -> Tensor
     return float(r) if n is None else r
 
 
+def _rotated(xx: Tensor, yy: Tensor, cx, cy, angle) -> tuple[Tensor, Tensor]:
+    """The grid in coordinates centred at (cx, cy) and rotated by ``angle``."""
+    c, s = math.cos(angle), math.sin(angle)
+    return (xx - cx) * c + (yy - cy) * s, -(xx - cx) * s + (yy - cy) * c
+
+
 def _ellipse(xx: Tensor, yy: Tensor, cx, cy, a, b, angle, edge: float) -> Tensor:
     """Soft indicator of an ellipse (semi-axes a, b, rotated by ``angle``) on the grid: 1 inside,
     0 outside, a linear ramp of width ``edge`` (in grid units) across the boundary."""
-    c, s = math.cos(angle), math.sin(angle)
-    u = ((xx - cx) * c + (yy - cy) * s) / a
-    v = (-(xx - cx) * s + (yy - cy) * c) / b
+    u, v = _rotated(xx, yy, cx, cy, angle)
+    u, v = u / a, v / b
     r = torch.sqrt(u * u + v * v)
     # distance to the boundary is about (r - 1) * min(a, b) for the thin direction
     return ((1 - r) * min(a, b) / edge + 0.5).clamp(0, 1)
@@ -51,9 +56,8 @@ def _blob(xx: Tensor, yy: Tensor, cx, cy, a, b, angle, edge: float, wobble: Tens
     """Soft indicator of an organ-like blob: the ellipse of :func:`_ellipse` whose radius is modulated by a few
     low angular harmonics, r -> r (1 + sum_k w_k cos(k phi + p_k)), k = 2, 3, ...; ``wobble`` holds the (w_k, p_k)
     pairs, (n, 2)."""
-    c, s = math.cos(angle), math.sin(angle)
-    u = ((xx - cx) * c + (yy - cy) * s) / a
-    v = (-(xx - cx) * s + (yy - cy) * c) / b
+    u, v = _rotated(xx, yy, cx, cy, angle)
+    u, v = u / a, v / b
     phi = torch.atan2(v, u)
     scale = 1 + sum(float(w) * torch.cos((k + 2) * phi + float(p)) for k, (w, p) in enumerate(wobble))
     r = torch.sqrt(u * u + v * v) * scale.clamp_min(0.3)
@@ -63,9 +67,7 @@ def _blob(xx: Tensor, yy: Tensor, cx, cy, a, b, angle, edge: float, wobble: Tens
 def _curve(xx: Tensor, yy: Tensor, cx, cy, length, width, angle, amp, freq, phase, edge: float) -> Tensor:
     """Soft indicator of a thin curved band (a vessel or septum): |v - amp sin(freq u + phase)| < width / 2 for
     |u| < length / 2, in coordinates rotated by ``angle`` about (cx, cy)."""
-    c, s = math.cos(angle), math.sin(angle)
-    u = (xx - cx) * c + (yy - cy) * s
-    v = -(xx - cx) * s + (yy - cy) * c
+    u, v = _rotated(xx, yy, cx, cy, angle)
     d = (v - amp * torch.sin(freq * u + phase)).abs()
     return ((width / 2 - d) / edge + 0.5).clamp(0, 1) * ((length / 2 - u.abs()) / edge + 0.5).clamp(0, 1)
 
