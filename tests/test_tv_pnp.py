@@ -398,9 +398,13 @@ def test_every_stored_tv_weight_names_the_task_settings_of_its_pair(stored, tmp_
 
     task, data = stored.rsplit("_", 1)
     cfg = compose_cfg("train", [f"task={task}", f"data={data}", "logger=none"], tmp_path)
-    settings = OmegaConf.to_container(OmegaConf.load(tv_weight_path(task, data)).tv_weight_task)
+    stored_file = OmegaConf.load(tv_weight_path(task, data))
+    settings = OmegaConf.to_container(stored_file.tv_weight_task)
     assert settings == OmegaConf.to_container(cfg.task, resolve=True)
     assert OmegaConf.to_container(cfg.tv_weight_task) == settings  # what a run composes
+    # generated data records its generator: the phantoms' style is the data set's default
+    data_settings = {"style": cfg.data.dataset.style} if data == "phantoms" else {}
+    assert OmegaConf.to_container(stored_file.get("tv_weight_data", OmegaConf.create())) == data_settings
 
 
 def test_a_run_whose_task_settings_differ_drops_the_stored_tv_weight(tmp_path, caplog):
@@ -430,6 +434,17 @@ def test_a_run_whose_task_settings_differ_drops_the_stored_tv_weight(tmp_path, c
     cfg = compose_cfg("train", ["method=tv", "task.noise_std=0.05", "method.lam=0.002", "logger=none"], tmp_path)
     check_tv_weight_task(cfg)
     assert float(hydra.utils.instantiate(cfg.method).lam) == pytest.approx(0.002)
+    # the ellipse phantoms are not the data the CT weight was chosen on; the anatomy phantoms are
+    cfg = compose_cfg("train", ["task=ct", "data.dataset.style=ellipses", "logger=none"], tmp_path)
+    with caplog.at_level("WARNING"):
+        check_tv_weight_task(cfg)
+    assert cfg.tv_weight is None and "data.dataset.style=ellipses (stored for anatomy)" in caplog.text
+    cfg = compose_cfg("train", ["task=ct", "logger=none"], tmp_path)
+    check_tv_weight_task(cfg)
+    assert cfg.tv_weight == stored_tv_weight("ct", "phantoms")
+    cfg = compose_cfg("train", ["task=ct", "data.dataset.style=ellipses", "tv_weight=1.33e-3", "logger=none"], tmp_path)
+    check_tv_weight_task(cfg)
+    assert cfg.tv_weight == pytest.approx(1.33e-3)  # given on the command line: kept
     # evaluate.py without a data group takes the default data's stored weight and its settings
     cfg = compose_cfg("evaluate", ["method=tv", "task=sr4", "task.factor=2"], tmp_path)
     default_data(cfg)
@@ -670,6 +685,14 @@ def test_the_command_a_stored_tv_weight_names_parses_back_to_its_task_and_overri
 
     stored = OmegaConf.load(tmp_path / "deblur_celeba.yaml")
     assert OmegaConf.to_container(stored.tv_weight_task) == {"_target_": "jfb_ip.physics.Deblur", "noise_std": 0.02}
+    assert "tv_weight_data" not in stored  # photos: nothing beyond the task
+    # generated data: the generator's settings are stored beside the task's, and a run on other phantoms drops them
+    monkeypatch.setattr(tv_weights, "run_task", lambda task, overrides: {
+        "task": task, "data": "phantoms", "task_cfg": {"_target_": "jfb_ip.physics.ParallelBeamCT"},
+        "data_cfg": {"style": "ellipses"}, "lam": 1.33e-3, "psnr": 28.0, "ssim": 0.8, "converged": 1.0,
+        "iters_mean": 400.0, "iters_max": 900, "seconds_search": 1.0, "seconds_test": 1.0})
+    tv_weights.main(["--tasks", "ct", "--write", "data.dataset.style=ellipses"])
+    assert OmegaConf.to_container(OmegaConf.load(tmp_path / "ct_phantoms.yaml").tv_weight_data) == {"style": "ellipses"}
 
 
 def test_evaluate_tv_has_no_tv_row_beside_itself_and_wiener_keeps_it(tmp_path):

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 
 from .. import tv_weight_path
 from ..lit.calibration import image_metrics, psnr_score
-from ..lit.run import build_module
+from ..lit.run import build_module, tv_weight_data
 from .common import compose_train, finish_rows, module_groups, seeded_split_batch
 
 TASKS = ("deblur", "inpaint", "sr2", "sr4", "ct", "mri4x", "mri8x")
@@ -87,7 +87,8 @@ def run_task(task: str, overrides: list[str]) -> dict:
     t2 = time.perf_counter()
     psnr, ssim = image_metrics(x_hat, x_test)
     it = stats.iterations.double()
-    return {"task": task, "data": data, "task_cfg": OmegaConf.to_container(cfg.task, resolve=True), "lam": lam,
+    return {"task": task, "data": data, "task_cfg": OmegaConf.to_container(cfg.task, resolve=True),
+            "data_cfg": tv_weight_data(cfg.data), "lam": lam,
             "val_psnr": max(scores.values()), "n_solves_val": len(scores),
             "psnr": psnr.mean().item(), "ssim": ssim.mean().item(), "converged": stats.converged.double().mean().item(),
             "iters_mean": it.mean().item(), "iters_max": int(it.max()), "seconds_search": t1 - t0,
@@ -95,8 +96,9 @@ def run_task(task: str, overrides: list[str]) -> dict:
 
 
 def write_weight(row: dict, command: str) -> Path:
-    """``tv_weight: <lam>`` and ``tv_weight_task`` (the task settings it was chosen for) into
-    ``conf/tv_weights/<task>_<data>.yaml``, with the test row and the command."""
+    """``tv_weight: <lam>``, ``tv_weight_task`` (the task settings it was chosen for) and, for generated data,
+    ``tv_weight_data`` (the phantoms' style) into ``conf/tv_weights/<task>_<data>.yaml``, with the test row and the
+    command."""
     path = tv_weight_path(row["task"], row["data"])
     path.parent.mkdir(exist_ok=True)
     path.write_text(
@@ -107,7 +109,9 @@ def write_weight(row: dict, command: str) -> Path:
         f"{row['iters_mean']:.0f} iterations on average).\n"
         f"tv_weight: {row['lam']:.3g}\n"
         "# the task settings it was chosen for: a run whose task differs drops it (jfb_ip.lit.run.check_tv_weight_task)\n"
-        + OmegaConf.to_yaml({"tv_weight_task": row["task_cfg"]}))
+        + OmegaConf.to_yaml({"tv_weight_task": row["task_cfg"]})
+        + ("# the data settings it was chosen for: a run on other data drops it too\n"
+           + OmegaConf.to_yaml({"tv_weight_data": row["data_cfg"]}) if row.get("data_cfg") else ""))
     return path
 
 

@@ -50,6 +50,18 @@ def choice(group: str) -> str | None:
         return None
 
 
+def given(key: str) -> bool:
+    """Whether this Hydra run's command line sets ``key`` (``tv_weight=1e-3``, ``+key=...``; False outside a Hydra
+    app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        overrides = HydraConfig.get().overrides.task
+    except ValueError:
+        return False
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides)
+
+
 def train_default(group: str) -> str:
     """The option conf/train.yaml's defaults list picks for ``group`` (evaluate.py's default data is train.py's)."""
     for item in OmegaConf.load(config_dir() / "train.yaml").defaults:

@@ -17,7 +17,7 @@ from ..data import DatasetError
 from .callbacks import ReferenceRows, TestTable, TrainingStats
 from .checkpointing import AtomicCheckpointIO, RngState
 from .checks import (UNTRAINED_METHODS, check_fresh_run_dir, check_launch, check_run_config, check_task_data,
-                     check_weight_averaging, choice, instantiate_group, train_default)
+                     check_weight_averaging, choice, given, instantiate_group, train_default)
 from .errors import ConfigError, finish_wandb, hydra_mode_and_direction
 from .module import ReconstructionModule
 from .outputs import (examples_png, format_table, keep_hydra_record, log_run_config, log_test_results, table_rows,
@@ -281,25 +281,39 @@ def default_data(cfg: DictConfig) -> None:
         if cfg.get("tv_weight") is None and path is not None and path.is_file():
             stored = OmegaConf.load(path)  # what the defaults list would have merged: tv_weight, tv_weight_task
             cfg.tv_weight, cfg.tv_weight_task = stored.tv_weight, stored.get("tv_weight_task")
+            cfg.tv_weight_data = stored.get("tv_weight_data")
 
 
 # task keys TV's weight does not depend on: the initializer moves where a solve starts, not TV's minimiser
 TV_WEIGHT_IGNORES = ("init", "init_mode")
+# data set keys TV's weight depends on beyond the task's (the image channels are a task key): the phantoms' generator
+TV_WEIGHT_DATA_KEYS = ("style",)
+
+
+def tv_weight_data(data: DictConfig | None) -> dict[str, Any]:
+    """The settings of ``TV_WEIGHT_DATA_KEYS`` that the data config ``data`` has (``{}`` for photos): what a stored
+    weight records as ``tv_weight_data`` and :func:`check_tv_weight_task` compares."""
+    dataset = (data or {}).get("dataset") or {}
+    return {k: dataset[k] for k in TV_WEIGHT_DATA_KEYS if k in dataset}
 
 
 def check_tv_weight_task(cfg: DictConfig) -> None:
     """Drop TV's stored weight (``tv_weight = None``) when this run's task settings are not those it was chosen for
-    (``tv_weight_task``, from the stored file): a weight tuned at noise 0.01 is no reference at noise 0.05. Then
-    ``method=tv`` searches its weight on the validation split, the test table has no ``tv`` row, and DE-GRAD's TV
-    initializers start from the default weight. An explicit ``method.lam=<w>`` or ``references.tv.lam=<w>`` is kept.
-    The initializer (``task.init``, ``task.init_mode``) may differ."""
+    (``tv_weight_task``, from the stored file): a weight tuned at noise 0.01 is no reference at noise 0.05; nor is
+    one tuned on the anatomy phantoms a reference on the ellipse phantoms (``tv_weight_data``). Then ``method=tv``
+    searches its weight on the validation split, the test table has no ``tv`` row, and DE-GRAD's TV initializers
+    start from the default weight. An explicit ``tv_weight=<w>``, ``method.lam=<w>`` or ``references.tv.lam=<w>`` is
+    kept. The initializer (``task.init``, ``task.init_mode``) may differ."""
     stored = cfg.get("tv_weight_task")
-    if cfg.get("tv_weight") is None or stored is None or not cfg.get("task"):
+    if cfg.get("tv_weight") is None or stored is None or not cfg.get("task") or given("tv_weight"):
         return
     task = OmegaConf.to_container(cfg.task, resolve=True)
     stored = OmegaConf.to_container(stored, resolve=True)
     changed = [f"task.{k}={task.get(k)} (stored for {stored.get(k)})" for k in sorted(set(task) | set(stored))
                if k not in TV_WEIGHT_IGNORES and task.get(k) != stored.get(k)]
+    data, stored_data = tv_weight_data(cfg.get("data")), cfg.get("tv_weight_data") or {}
+    changed += [f"data.dataset.{k}={data.get(k)} (stored for {stored_data.get(k)})"
+                for k in sorted(set(data) | set(stored_data)) if data.get(k) != stored_data.get(k)]
     if not changed:
         return
     log.warning("TV's stored weight %g was chosen for other task settings (%s): not used; method=tv searches its "
