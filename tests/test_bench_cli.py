@@ -52,6 +52,7 @@ BAD = [
     (multitask, ["--mtdeq-ckpt", "{tmp}"], "argument --mtdeq-ckpt: {tmp} is a directory, not a file"),
     (multitask, ["--png", "{tmp}/file/multitask.png"], "{tmp}/file is not a directory"),
     (multitask, ["--mtdeq-steps", "0"], "argument --mtdeq-steps: must be an integer >= 1, got '0'"),
+    (multitask, ["--mtdeq-lr", "0"], "argument --mtdeq-lr: must be a finite number >= 1e-12, got '0'"),
     (operators, ["--sizes", "48", "2"], "argument --sizes: must be an integer >= 4, got '2'"),
     (operators, ["--json", "{tmp}"], "argument --json: {tmp} is a directory, not a file"),
 ]

@@ -183,13 +183,18 @@ def test_bench_multitask_end_to_end(tmp_path, monkeypatch):
             "net": ["method.net.features=[8,16]", "method.net.blocks=1"], "pnp_schedules": [(2, None), (3, 0.03)]}
     monkeypatch.setattr(bench, "QUICK", tiny)
     monkeypatch.setattr(bench, "TASKS", {k: bench.TASKS[k] for k in ("comp80", "sr3_n.01")})
-    out = bench.main(["--quick", "--mtdeq-steps", "3", "--out", str(tmp_path), "data.dataset.train_samples=4"])
+    out = bench.main(["--quick", "--mtdeq-steps", "3", "--mtdeq-lr", "3e-5", "--out", str(tmp_path),
+                      "data.dataset.train_samples=4"])
     run_dir = Path(out["run_dir"])
     assert run_dir.parent == tmp_path / "runs"  # a new directory per bench run
     rows = json.loads((run_dir / "multitask.json").read_text())["rows"]
     assert rows == json.loads(json.dumps(out["rows"]))
     assert (run_dir / "multitask.png").is_file()
     assert out["budget"]["mtdeq_steps"] == 3 and out["mtdeq_train"]["steps"] == 3  # --mtdeq-steps, not the budget's 2
+    from jfb_ip.checkpoint import load_checkpoint
+
+    mtdeq_run = load_checkpoint(run_dir / "mtdeq" / "checkpoints" / "last.ckpt")["hyper_parameters"]["run_config"]
+    assert out["budget"]["mtdeq_lr"] == mtdeq_run["module"]["optimizer"]["lr"] == 3e-5  # --mtdeq-lr, not 1e-4
     for task in ("comp80", "sr3_n.01"):
         got = {r["method"]: r for r in rows if r["task"] == task}
         assert {"measurement", "tv", "pnp_gauss", "pnp_mtdeq", "fb_gauss", "fb_mtdeq", "mtdeq_minus_gauss"} <= set(got)

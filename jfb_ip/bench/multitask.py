@@ -1,7 +1,8 @@
 """Willingham et al. [4], Tables I-II, on embedded images: does the MTDEQ prior beat a Gaussian denoiser in PnP-ADMM?
 
     python -m jfb_ip.bench.multitask [--quick] [--json <file>] [--png <file>] [--out <dir>]
-        [--denoiser-ckpt <ckpt>] [--mtdeq-ckpt <ckpt>] [--mtdeq-steps <n>] [--no-degrad] [--tune-each-prior]
+        [--denoiser-ckpt <ckpt>] [--mtdeq-ckpt <ckpt>] [--mtdeq-steps <n>] [--mtdeq-lr <lr>] [--no-degrad]
+        [--tune-each-prior]
         [override ...]
 
 1. Trains (or loads: ``--denoiser-ckpt``) the noise-conditioned UNet as a Gaussian denoiser (``method=denoiser
@@ -33,7 +34,7 @@ import torch
 
 from ..lit.calibration import psnr_score
 from ..lit.run import build_module, train
-from .common import (compose_train, existing_file, fresh_run_dir, int_at_least, module_groups, output_dir, output_file,
+from .common import (compose_train, existing_file, float_at_least, fresh_run_dir, int_at_least, module_groups, output_dir, output_file,
                      pyplot, save_figure, seeded_split_batch, write_outputs)
 
 # Tables I-II of [4]: name -> task overrides (the blur kernel: 15 x 15, as task=multitask's, +-3.5 std at 2.0).
@@ -255,6 +256,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mtdeq-ckpt", type=existing_file, default=None, help="a method=mtdeq checkpoint instead of training one")
     p.add_argument("--mtdeq-steps", type=int_at_least(1), default=None,
                    help="MTDEQ's fine-tuning steps (default: the budget's, 600; --quick: 160)")
+    p.add_argument("--mtdeq-lr", type=float_at_least(1e-12), default=None,
+                   help="MTDEQ's fine-tuning learning rate (default: the budget's, 1e-4)")
     p.add_argument("--no-degrad", action="store_true", help="leave out the DE-GRAD rows (one training per task)")
     p.add_argument("--tune-each-prior", action="store_true",
                    help="choose each PnP prior's schedule and lam on the validation crops (default: the Gaussian "
@@ -272,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict:
     b = QUICK if args.quick else FULL
     if args.mtdeq_steps is not None:
         b = {**b, "mtdeq_steps": args.mtdeq_steps}
+    if args.mtdeq_lr is not None:
+        b = {**b, "mtdeq_lr": args.mtdeq_lr}
     # a new directory per run: a failed run's checkpoints (on_exception.ckpt) are never resumed or refused by the next
     out = fresh_run_dir(args.out)
     print(f"outputs: {out}", flush=True)
