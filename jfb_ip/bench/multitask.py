@@ -34,8 +34,8 @@ import torch
 
 from ..lit.calibration import psnr_score
 from ..lit.run import build_module, train
-from .common import (compose_train, existing_file, float_at_least, fresh_run_dir, int_at_least, module_groups, output_dir, output_file,
-                     pyplot, save_figure, seeded_split_batch, write_outputs)
+from .common import (compose_train, existing_file, float_at_least, fresh_run_dir, int_at_least, module_groups,
+                     output_dir, output_file, pyplot, save_figure, seeded_split_batch, write_outputs)
 
 # Tables I-II of [4]: name -> task overrides (the blur kernel: 15 x 15, as task=multitask's, +-3.5 std at 2.0).
 # Completion: PnP-ADMM starts from the normalized-convolution fill (conf/method_task/pnp_admm_inpaint.yaml: from y

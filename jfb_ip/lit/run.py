@@ -279,9 +279,9 @@ def default_data(cfg: DictConfig) -> None:
         cfg.data = OmegaConf.load(config_dir() / "data" / f"{train_default('data')}.yaml")
         path = tv_weight_path(choice("task"), train_default("data")) if choice("task") else None
         if cfg.get("tv_weight") is None and path is not None and path.is_file():
-            stored = OmegaConf.load(path)  # what the defaults list would have merged: tv_weight, tv_weight_task
-            cfg.tv_weight, cfg.tv_weight_task = stored.tv_weight, stored.get("tv_weight_task")
-            cfg.tv_weight_data = stored.get("tv_weight_data")
+            stored = OmegaConf.load(path)  # what the defaults list would have merged
+            for key in ("tv_weight", "tv_weight_task", "tv_weight_data"):
+                cfg[key] = stored.get(key)
 
 
 # task keys TV's weight does not depend on: the initializer moves where a solve starts, not TV's minimiser
