@@ -686,7 +686,7 @@ def test_the_command_a_stored_tv_weight_names_parses_back_to_its_task_and_overri
     stored = OmegaConf.load(tmp_path / "deblur_celeba.yaml")
     assert OmegaConf.to_container(stored.tv_weight_task) == {"_target_": "jfb_ip.physics.Deblur", "noise_std": 0.02}
     assert "tv_weight_data" not in stored  # photos: nothing beyond the task
-    # generated data: the generator's settings are stored beside the task's, and a run on other phantoms drops them
+    # generated data: the generator's settings are stored beside the task's
     monkeypatch.setattr(tv_weights, "run_task", lambda task, overrides: {
         "task": task, "data": "phantoms", "task_cfg": {"_target_": "jfb_ip.physics.ParallelBeamCT"},
         "data_cfg": {"style": "ellipses"}, "lam": 1.33e-3, "psnr": 28.0, "ssim": 0.8, "converged": 1.0,

@@ -297,6 +297,12 @@ def tv_weight_data(data: DictConfig | None) -> dict[str, Any]:
     return {k: dataset[k] for k in TV_WEIGHT_DATA_KEYS if k in dataset}
 
 
+def _differences(prefix: str, now: dict, stored: dict, ignore: tuple = ()) -> list[str]:
+    """``<prefix><key>=<now> (stored for <stored>)`` for every key, but ``ignore``, whose values differ."""
+    return [f"{prefix}{k}={now.get(k)} (stored for {stored.get(k)})" for k in sorted(set(now) | set(stored))
+            if k not in ignore and now.get(k) != stored.get(k)]
+
+
 def check_tv_weight_task(cfg: DictConfig) -> None:
     """Drop TV's stored weight (``tv_weight = None``) when this run's task settings are not those it was chosen for
     (``tv_weight_task``, from the stored file): a weight tuned at noise 0.01 is no reference at noise 0.05; nor is
@@ -307,17 +313,13 @@ def check_tv_weight_task(cfg: DictConfig) -> None:
     stored = cfg.get("tv_weight_task")
     if cfg.get("tv_weight") is None or stored is None or not cfg.get("task") or given("tv_weight"):
         return
-    task = OmegaConf.to_container(cfg.task, resolve=True)
-    stored = OmegaConf.to_container(stored, resolve=True)
-    changed = [f"task.{k}={task.get(k)} (stored for {stored.get(k)})" for k in sorted(set(task) | set(stored))
-               if k not in TV_WEIGHT_IGNORES and task.get(k) != stored.get(k)]
-    data, stored_data = tv_weight_data(cfg.get("data")), cfg.get("tv_weight_data") or {}
-    changed += [f"data.dataset.{k}={data.get(k)} (stored for {stored_data.get(k)})"
-                for k in sorted(set(data) | set(stored_data)) if data.get(k) != stored_data.get(k)]
+    changed = (_differences("task.", OmegaConf.to_container(cfg.task, resolve=True),
+                            OmegaConf.to_container(stored, resolve=True), ignore=TV_WEIGHT_IGNORES)
+               + _differences("data.dataset.", tv_weight_data(cfg.get("data")), cfg.get("tv_weight_data") or {}))
     if not changed:
         return
-    log.warning("TV's stored weight %g was chosen for other task settings (%s): not used; method=tv searches its "
-                "weight on the validation split and the test table has no tv row (store one for these settings: "
+    log.warning("TV's stored weight %g was chosen for other task or data settings (%s): not used; method=tv searches "
+                "its weight on the validation split and the test table has no tv row (store one for these settings: "
                 "python -m jfb_ip.bench.tv_weights --write <overrides>, or give method.lam / references.tv.lam)",
                 cfg.tv_weight, "; ".join(changed))
     with open_dict(cfg):
