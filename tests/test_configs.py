@@ -72,18 +72,41 @@ def test_option_instantiates(group, option, tmp_path, image_folder, fake_celeba,
 
 
 NET_SHRINK = {"dncnn": ["method.net.depth=3", "method.net.width=8"],
-              "unet": ["method.net.features=[4,8]", "method.net.convs=1"]}
+              "unet": ["method.net.features=[4,8]", "method.net.convs=1"],
+              "tnrd": ["method.net.n_filters=6", "method.net.kernel_size=3", "method.net.n_knots=5",
+                       "~method.net.gamma"]}  # the deblurring specialization's scale of the conv nets
 
 
 @pytest.mark.parametrize("option", options("method/net"))
 def test_degrad_net_option_trains(option, tmp_path):
-    """Each method/net option builds its network with the channels DE-GRAD feeds it and trains two steps."""
+    """Each method/net option builds its network with the channels DE-GRAD feeds it and trains two steps; the
+    gradient-form TNRD is fed x alone, and its option turns the injection off."""
     base = [o for o in TINY if not o.startswith("method.net.")]
     cfg = compose_cfg("train", base + [f"method/net={option}"] + NET_SHRINK[option], tmp_path)
     method = hydra.utils.instantiate(cfg.method, _convert_="all")
     assert type(method.net).__name__ == cfg.method.net._target_.rsplit(".", 1)[1]
-    assert (method.net.in_channels, method.net.out_channels) == (2 * cfg.data.channels, cfg.data.channels)
+    if option == "tnrd":
+        assert (method.net.channels, method.inject, method.net_gradient_form) == (cfg.data.channels, "none", True)
+        assert method.net.sign_weight[0].item() == pytest.approx(cfg.method.tv_weight)  # starts as TV's weight
+    else:
+        assert (method.net.in_channels, method.net.out_channels) == (2 * cfg.data.channels, cfg.data.channels)
+        assert method.inject == "anchor"
     assert train(cfg)["test"]["model"]["psnr"] > 10
+
+
+def test_a_specialization_key_the_net_lacks_is_named(tmp_path):
+    """method/net=tnrd on deblurring: degrad_deblur.yaml's method.net.gamma (a conv net's scale) reaches TNRD, which
+    has none; the error names the specialization and how to drop its keys."""
+    from jfb_ip.lit.checks import instantiate_group
+    from jfb_ip.lit.errors import ConfigError
+
+    cfg = compose_cfg("train", ["method/net=tnrd"], tmp_path)
+    with pytest.raises(ConfigError, match=r"'gamma'.*conf/method_task/degrad_deblur.yaml sets method keys too.*"
+                                          r"'~method.<key>'.*'~method_task'"):
+        instantiate_group(cfg, "method", _convert_="all")
+    for fix in ("~method.net.gamma", "~method_task"):
+        cfg = compose_cfg("train", ["method/net=tnrd", fix], tmp_path)
+        assert type(instantiate_group(cfg, "method", _convert_="all").net).__name__ == "TNRD"
 
 
 @pytest.mark.parametrize("option", options("experiment"))

@@ -26,6 +26,10 @@ def instantiate_group(cfg: DictConfig, group: str, **kwargs):
         cause = innermost(e)
         given = [o for o in overrides() if o.lstrip("+~").startswith((f"{group}.", f"{group}="))]
         hint = f"you set {', '.join(given)}" if given else f"check the {group}.* values"
+        spec = cfg.get("specialization")
+        if spec and group == "method":  # its keys merge into whatever method/net etc. chose
+            hint += (f"; conf/method_task/{spec}.yaml sets method keys too: drop one with '~method.<key>', all of "
+                     f"them with '~method_task'")
         raise ConfigError(f"could not build `{group}` ({cfg[group].get('_target_', '?')}): "
                           f"{cause if cause is not e else str(e).strip().splitlines()[-1]} ({hint})") from None
 
