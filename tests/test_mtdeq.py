@@ -194,7 +194,7 @@ def test_bench_multitask_end_to_end(tmp_path, monkeypatch):
     from jfb_ip.checkpoint import load_checkpoint
 
     mtdeq_run = load_checkpoint(run_dir / "mtdeq" / "checkpoints" / "last.ckpt")["hyper_parameters"]["run_config"]
-    assert out["budget"]["mtdeq_lr"] == mtdeq_run["module"]["optimizer"]["lr"] == 3e-5  # --mtdeq-lr, not 1e-4
+    assert out["budget"]["mtdeq_lr"] == mtdeq_run["module"]["optimizer"]["lr"] == 3e-5  # --mtdeq-lr, not 1e-5
     for task in ("comp80", "sr3_n.01"):
         got = {r["method"]: r for r in rows if r["task"] == task}
         assert {"measurement", "tv", "pnp_gauss", "pnp_mtdeq", "fb_gauss", "fb_mtdeq", "mtdeq_minus_gauss"} <= set(got)

@@ -60,16 +60,17 @@ ROWS = ("measurement", "tv", "pnp_gauss", "pnp_mtdeq", "fb_gauss", "fb_mtdeq", "
 # initialise MTDEQ) and MTDEQ's solver and learning rate. MTDEQ's fixed points are found by Anderson here, not by the
 # paper's plain FB iteration (conf/method/mtdeq.yaml's default): the same fixed points at about a third of the
 # iterations (measured on multitask test crops with the denoiser as Q: 10.6 vs 32 iterations on average, PSNR
-# within 0.02 dB). The learning rate fine-tunes a pre-trained prior ([4]: Adam at 1e-5 for 250 epochs; at
-# train.py's 1e-3, 20 steps from a 300-step denoiser ended at 20.95 dB on 8 multitask test crops, 40 steps at 1e-4 at
-# 25.31 dB; Wiener 25.03).
+# within 0.02 dB). The learning rate fine-tunes a pre-trained prior: [4]'s Adam at 1e-5 (at train.py's 1e-3, 20 steps
+# from a 300-step denoiser ended at 20.95 dB on 8 multitask test crops, 40 steps at 1e-4 at 25.31 dB; Wiener 25.03).
+# From the 5000-step denoiser, --quick --tune-each-prior put MTDEQ inside PnP-ADMM +0.93 / +0.98 / +1.05 dB over TV
+# on average at 1e-4 / 3e-5 / 1e-5 (docs/results.md, 'MTDEQ and PnP priors').
 # Full: about 2 hours on 2 cores (docs/benchmarks.md, "Multi-task priors"); --quick: under 20 minutes on 2 cores.
 # PnP-ADMM's schedule (iterations, last denoiser strength) is chosen per task on the validation crops for the
 # Gaussian prior at lam = 0.23 (``pnp_schedule``); the PnP lam search (``lam_search``) then runs for the Gaussian prior
 # too; the MTDEQ prior gets both unchanged ([4] §III-C), or its own search with --tune-each-prior. FB rows: MTDEQ's
 # own scheme, capped at ``fb_max_iter``.
 FULL = {"denoiser_steps": 3000, "mtdeq_steps": 600, "degrad_steps": 300, "train_size": 48, "mtdeq_size": 24,
-        "test_size": 48, "batch": 8, "mtdeq_batch": 2, "problems": 5, "eval_crops": 32, "mtdeq_lr": 1e-4,
+        "test_size": 48, "batch": 8, "mtdeq_batch": 2, "problems": 5, "eval_crops": 32, "mtdeq_lr": 1e-5,
         "mtdeq_solver": ["solver=anderson"], "net": [], "lam_search": True, "fb_max_iter": 350,
         "pnp_schedules": [(n, s) for n in (8, 30, 100) for s in (None, 0.01, 0.03, 0.05)], "fb_rows": True}
 # --quick's schedules: sigma_min = 0.05 is the best on the validation crops for noiseless completion and SR x2 with
@@ -78,7 +79,7 @@ FULL = {"denoiser_steps": 3000, "mtdeq_steps": 600, "degrad_steps": 300, "train_
 # take 350 at the full cap: 2-7 s per step on 2 cores; with the cap, 60 steps took 89 s and the whole --quick run
 # 348 s at 8 crops)
 QUICK = {"denoiser_steps": 1500, "mtdeq_steps": 160, "degrad_steps": 0, "train_size": 24, "mtdeq_size": 24,
-         "test_size": 48, "batch": 8, "mtdeq_batch": 2, "problems": 5, "eval_crops": 16, "mtdeq_lr": 1e-4,
+         "test_size": 48, "batch": 8, "mtdeq_batch": 2, "problems": 5, "eval_crops": 16, "mtdeq_lr": 1e-5,
          "mtdeq_solver": ["solver=anderson", "solver.max_iter=100"], "net": [], "lam_search": False, "fb_max_iter": 100,
          "pnp_schedules": [(n, s) for n in (8, 60) for s in (None, 0.03, 0.05)], "fb_rows": False}
 
@@ -257,7 +258,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mtdeq-steps", type=int_at_least(1), default=None,
                    help="MTDEQ's fine-tuning steps (default: the budget's, 600; --quick: 160)")
     p.add_argument("--mtdeq-lr", type=float_at_least(1e-12), default=None,
-                   help="MTDEQ's fine-tuning learning rate (default: the budget's, 1e-4)")
+                   help="MTDEQ's fine-tuning learning rate (default: the budget's, 1e-5)")
     p.add_argument("--no-degrad", action="store_true", help="leave out the DE-GRAD rows (one training per task)")
     p.add_argument("--tune-each-prior", action="store_true",
                    help="choose each PnP prior's schedule and lam on the validation crops (default: the Gaussian "
