@@ -94,7 +94,7 @@ def test_degrad_net_option_trains(option, tmp_path):
     assert train(cfg)["test"]["model"]["psnr"] > 10
 
 
-def test_a_specialization_key_the_net_lacks_is_named(tmp_path):
+def test_a_build_error_names_the_specialization_that_set_the_groups_keys(tmp_path):
     """method/net=tnrd on deblurring: degrad_deblur.yaml's method.net.gamma (a conv net's scale) reaches TNRD, which
     has none; the error names the specialization and how to drop its keys."""
     from jfb_ip.lit.checks import instantiate_group
@@ -107,6 +107,14 @@ def test_a_specialization_key_the_net_lacks_is_named(tmp_path):
     for fix in ("~method.net.gamma", "~method_task"):
         cfg = compose_cfg("train", ["method/net=tnrd", fix], tmp_path)
         assert type(instantiate_group(cfg, "method", _convert_="all").net).__name__ == "TNRD"
+    # any group the specialization sets (pnp_admm_inpaint.yaml: task.init), and only those
+    cfg = compose_cfg("train", ["method=pnp_admm", "task=inpaint", "task.init=bogus"], tmp_path)
+    with pytest.raises(ConfigError, match=r"conf/method_task/pnp_admm_inpaint.yaml sets task keys too"):
+        instantiate_group(cfg, "task")
+    cfg = compose_cfg("train", ["task=inpaint", "task.init=bogus"], tmp_path)
+    with pytest.raises(ConfigError) as e:
+        instantiate_group(cfg, "task")
+    assert "method_task" not in str(e.value)
 
 
 @pytest.mark.parametrize("option", options("experiment"))

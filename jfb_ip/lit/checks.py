@@ -27,11 +27,17 @@ def instantiate_group(cfg: DictConfig, group: str, **kwargs):
         given = [o for o in overrides() if o.lstrip("+~").startswith((f"{group}.", f"{group}="))]
         hint = f"you set {', '.join(given)}" if given else f"check the {group}.* values"
         spec = cfg.get("specialization")
-        if spec and group == "method":  # its keys merge into whatever method/net etc. chose
-            hint += (f"; conf/method_task/{spec}.yaml sets method keys too: drop one with '~method.<key>', all of "
+        if spec and group in _specialization_keys(spec):  # merged into whatever the group's options chose
+            hint += (f"; conf/method_task/{spec}.yaml sets {group} keys too: drop one with '~{group}.<key>', all of "
                      f"them with '~method_task'")
         raise ConfigError(f"could not build `{group}` ({cfg[group].get('_target_', '?')}): "
                           f"{cause if cause is not e else str(e).strip().splitlines()[-1]} ({hint})") from None
+
+
+def _specialization_keys(spec: str) -> list[str]:
+    """The top-level keys that conf/method_task/<spec>.yaml sets (it is a ``_global_`` package)."""
+    path = config_dir() / "method_task" / f"{spec}.yaml"
+    return list(OmegaConf.load(path)) if path.is_file() else []
 
 
 def overrides() -> list[str]:
