@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import hydra
 import pytest
 import torch
 
-from conftest import CONF, ROOT, TINY, compose_cfg, picks_phantoms, write_denoiser_ckpt
+from conftest import CONF, TINY, compose_cfg, picks_phantoms, run_train, write_denoiser_ckpt
 from jfb_ip.nets import count_parameters
 
 METHODS = sorted(p.stem for p in (Path(CONF) / "method").glob("*.yaml"))
@@ -68,13 +67,17 @@ def test_every_method_on_every_task_multirun(full, tmp_path):
         runs = [(ms, extra, [tasks[next(slot) % len(tasks)] for _ in range(2)]) for ms, extra, tasks in runs]
         # the rotation reaches every task: 9 runs x 2 slots over the 10 tasks
         assert sorted({t for _, _, ts in runs for t in ts}) == TASKS, "re-balance the rotation: a task is left out"
-    jobs = 0
-    for k, (methods, extra, tasks) in enumerate(runs):
-        r = subprocess.run([sys.executable, "train.py", "-m", f"method={','.join(methods)}", f"task={','.join(tasks)}",
-                            *overrides, *extra, f"hydra.sweep.dir={tmp_path}/{k}_{methods[0]}"], cwd=ROOT,
-                           capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, r.stderr[-3000:]
-        jobs += len(methods) * len(tasks)
+
+    def sweep(k, methods, extra, tasks):
+        return run_train(["-m", f"method={','.join(methods)}", f"task={','.join(tasks)}", *overrides, *extra,
+                          f"hydra.sweep.dir={tmp_path}/{k}_{methods[0]}"], tmp_path, timeout=900)
+
+    # two sweeps at a time, one thread each: the 2-core CI machine runs them side by side
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda a: sweep(*a), [(k, *run) for k, run in enumerate(runs)]))
+    for (methods, _, tasks), r in zip(runs, results):
+        assert r.returncode == 0, f"method={methods} task={tasks}: " + r.stderr[-3000:]
+    jobs = sum(len(methods) * len(tasks) for methods, _, tasks in runs)
     assert len(list(tmp_path.glob("*/*/metrics.json"))) == jobs
 
 
